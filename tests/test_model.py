@@ -1,0 +1,137 @@
+"""The model against Hugging Face transformers' LlamaForCausalLM, the independent oracle."""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import llama3_jax
+from llama3_jax.checkpoint import config_from_hf, hf_to_meta_qk, meta_to_hf_qk
+from llama3_jax.config import load_config, param_count
+
+
+def make_hf(tmp_path, *, heads=4, kv_heads=2, tied=False, scaling=True, layers=2, seed=0):
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if scaling:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=tied, rope_parameters=rope)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms start at 1; perturb them so their weights are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scaling", [False, True])
+def test_logits_match_transformers(tmp_path, heads, kv_heads, tied, scaling):
+    ref = make_hf(tmp_path, heads=heads, kv_heads=kv_heads, tied=tied, scaling=scaling)
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 80)).astype(np.int32)  # 80 > 32 original ctx
+    model = llama3_jax.load(tmp_path, dtype=jnp.float32)
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    assert ours.dtype == np.float32 and ours.shape == (2, 80, 300)
+    np.testing.assert_allclose(ours, hf_logits(ref, tokens), atol=1e-4, rtol=0)
+
+
+def test_old_rope_scaling_spelling_loads(tmp_path):
+    ref = make_hf(tmp_path, scaling=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")  # released 3.1 checkpoints: rope_theta + rope_scaling
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert config_from_hf(cfg).rope_scaling_factor == 8.0
+    tokens = np.arange(100, dtype=np.int32)[None] % 300
+    ours = np.asarray(llama3_jax.load(tmp_path, dtype=jnp.float32)(jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, hf_logits(ref, tokens), atol=1e-4, rtol=0)
+
+
+def test_scaling_matters_beyond_original_context(tmp_path):
+    # Guards the test above: without scaling the long-sequence logits must differ.
+    make_hf(tmp_path, scaling=True)
+    tokens = jnp.asarray(np.arange(100, dtype=np.int32)[None] % 300)
+    scaled = llama3_jax.load(tmp_path, dtype=jnp.float32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    plain = llama3_jax.load(tmp_path, dtype=jnp.float32)
+    assert np.abs(np.asarray(scaled(tokens)) - np.asarray(plain(tokens)))[0, 40:].max() > 1e-3
+
+
+def test_packed_documents_equal_separate_runs(tmp_path):
+    make_hf(tmp_path, heads=4, kv_heads=2)
+    model = llama3_jax.load(tmp_path, dtype=jnp.float32)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 300, 30), rng.integers(0, 300, 50)
+    packed = jnp.asarray(np.concatenate([a, b])[None].astype(np.int32))
+    seg = jnp.asarray(np.r_[np.ones(30), 2 * np.ones(50)][None].astype(np.int32))
+    pos = jnp.asarray(np.r_[np.arange(30), np.arange(50)][None].astype(np.int32))
+    out = np.asarray(model(packed, segment_ids=seg, positions=pos))
+    alone_a = np.asarray(model(jnp.asarray(a[None].astype(np.int32))))
+    alone_b = np.asarray(model(jnp.asarray(b[None].astype(np.int32))))
+    np.testing.assert_allclose(out[:, :30], alone_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 30:], alone_b, atol=1e-5)
+    # Without the segment ids the second document would see the first.
+    mixed = np.asarray(model(packed, positions=pos))
+    assert np.abs(mixed[:, 30:] - alone_b).max() > 1e-3
+
+
+def test_qk_permutation_pair_inverts_and_matches_rotary_layouts():
+    w = np.random.default_rng(0).standard_normal((4 * 8, 16)).astype(np.float32)
+    np.testing.assert_array_equal(hf_to_meta_qk(meta_to_hf_qk(w, 4), 4), w)
+    # Meta row (head h, pair i, half j) -> HF row h*hd + j*hd/2 + i.
+    hf = meta_to_hf_qk(w, 4)
+    np.testing.assert_array_equal(hf[8 + 4 + 1], w[8 + 2 * 1 + 1])
+
+
+@pytest.mark.parametrize("name,published", [
+    ("llama3-8b", 8.03e9), ("llama3.1-8b", 8.03e9), ("llama3-70b", 70.6e9), ("llama3.1-70b", 70.6e9),
+    ("llama3.1-405b", 405.9e9), ("llama3.2-1b", 1.24e9), ("llama3.2-3b", 3.21e9)])
+def test_parameter_counts_match_published(name, published):
+    import flax.nnx as nnx
+    from llama3_jax.model import Llama
+    cfg = load_config(name).model
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))  # shapes only, no memory
+    counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert counted == param_count(cfg)
+    assert f"{counted:.3g}" == f"{published:.3g}"
+
+
+def test_ffn_sizes_follow_reference_formula():
+    want = {"llama3-8b": 14336, "llama3-70b": 28672, "llama3.1-405b": 53248,
+            "llama3.2-1b": 8192, "llama3.2-3b": 8192}
+    assert {n: load_config(n).model.ffn_dim for n in want} == want
+
+
+def test_compile_time_does_not_grow_with_depth():
+    """Layers run as a scan: compiling 32 layers costs about what 2 layers cost."""
+    def compile_seconds(n_layers):
+        cfg = load_config("debug-tiny", [f"model.n_layers={n_layers}"]).model
+        from llama3_jax.model import forward, param_shapes
+        params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
+        tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+        fn = jax.jit(jax.grad(lambda p, t: forward(p, t, cfg).mean()))
+        start = time.perf_counter()
+        fn.lower(params, tokens).compile()
+        return time.perf_counter() - start
+    compile_seconds(2)  # warm up tracing caches
+    t2, t32 = compile_seconds(2), compile_seconds(32)
+    assert t32 < 2.0 * t2 + 0.5, (t2, t32)
