@@ -271,3 +271,45 @@ def dtype_of(name: str):
 
 def ceil_div(a: int, b: int) -> int:
     return math.ceil(a / b)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes (one may be -1 = the remaining devices) and pipeline settings."""
+    dp: int = 1
+    fsdp: int = 1
+    pp: int = 1
+    cp: int = 1
+    tp: int = 1
+    # Pipeline: micro-batches per step, virtual stages per pp rank (interleaved schedule),
+    # and whether the first and last stages hold one layer fewer (embedding / output+loss).
+    pp_microbatches: int = 1
+    pp_virtual_stages: int = 1
+    pp_light_ends: bool = False
+
+    def sizes(self) -> dict:
+        return dict(dp=self.dp, fsdp=self.fsdp, pp=self.pp, cp=self.cp, tp=self.tp)
+
+    def fixed_device_count(self) -> int | None:
+        """Devices this mesh needs, or None when an axis is -1."""
+        sizes = self.sizes().values()
+        return None if -1 in sizes else math.prod(sizes)
+
+
+MESH_DIR = CONFIG_DIR.parent / "meshes"
+
+
+def load_mesh(name_or_path: str | None = None) -> MeshConfig:
+    """A mesh file from `meshes/` (by name or path); None = one device."""
+    if not name_or_path:
+        return MeshConfig()
+    path = resolve_preset(name_or_path, MESH_DIR)
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    unknown = sorted(set(raw) - {"mesh"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; a mesh file has only [mesh]")
+    return _build(MeshConfig, raw.get("mesh", {}), "mesh")

@@ -1,0 +1,71 @@
+"""Per-step metrics: metrics.jsonl, TensorBoard event files and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+
+class MetricsWriter:
+    """Appends one JSON object per step; on resume, drops records past the restored step so
+    the file reads exactly as an uninterrupted run's."""
+
+    def __init__(self, run_dir, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by a crash
+                if rec["step"] <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir), purge_step=resume_step + 1)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir) -> pathlib.Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.set_title(pathlib.Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = pathlib.Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,470 @@
+"""Tests of the data pipeline (llama3_jax.data) with a tiny byte-level fake tokenizer."""
+
+import json
+import random
+import string
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llama3_jax.config import DataConfig, DataSource
+from llama3_jax.data import make_iterator, resolve_kind
+
+KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class ByteTokenizer:
+    """Token = UTF-8 byte value; BOS = 256, EOS = 257 (0 never occurs in our texts)."""
+
+    bos_id = 256
+    eos_id = 257
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
+
+
+TOK = ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_text_folder(root, docs, suffix=".txt"):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(docs):
+        sub = root / f"part{i % 3}"  # nested: folders are searched recursively
+        sub.mkdir(exist_ok=True)
+        (sub / f"doc{i:04d}{suffix}").write_text(d, encoding="utf-8")
+    return root
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, field: d}) + "\n")
+    return path
+
+
+def write_parquet(path, docs, field="text"):
+    pq.write_table(pa.table({field: docs, "n": list(range(len(docs)))}), path,
+                   row_group_size=max(1, len(docs) // 3))
+    return path
+
+
+def random_docs(rng, n, lo, hi, alphabet, tag=""):
+    """n distinct documents of lo..hi characters from `alphabet`."""
+    out = []
+    for i in range(n):
+        body = "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+        out.append(f"{tag}{i}|{body}" if tag else body)
+    return out
+
+
+def batches(it, n):
+    return [it.next() for _ in range(n)]
+
+
+def check_batch_format(b, rows, seq_len):
+    assert set(b) == set(KEYS)
+    for k in KEYS:
+        assert b[k].shape == (rows, seq_len), k
+        assert b[k].dtype == (np.float32 if k == "loss_mask" else np.int32), k
+
+
+def pieces_of(batch_list):
+    """Stream of (tokens, targets, loss_mask) per segment piece, in order, checking the
+    per-row layout on the way: segments numbered 1, 2, ... contiguously, padding (0)
+    only at the end, positions 0, 1, 2, ... inside every segment."""
+    out = []
+    for b in batch_list:
+        for r in range(b["tokens"].shape[0]):
+            seg, pos = b["segment_ids"][r], b["positions"][r]
+            n_real = int((seg > 0).sum())
+            assert (seg[:n_real] > 0).all() and (seg[n_real:] == 0).all(), seg
+            pad = slice(n_real, None)
+            assert (b["tokens"][r][pad] == 0).all() and (b["targets"][r][pad] == 0).all()
+            assert (b["loss_mask"][r][pad] == 0).all() and (pos[pad] == 0).all()
+            if n_real == 0:
+                continue
+            starts = [0] + [i for i in range(1, n_real) if seg[i] != seg[i - 1]]
+            ends = starts[1:] + [n_real]
+            assert list(seg[starts]) == list(range(1, len(starts) + 1)), seg
+            for s, e in zip(starts, ends):
+                np.testing.assert_array_equal(pos[s:e], np.arange(e - s))
+                out.append((b["tokens"][r][s:e], b["targets"][r][s:e], b["loss_mask"][r][s:e]))
+    return out
+
+
+def reconstruct(batch_list):
+    """Documents (token lists, BOS..EOS) from the packed stream of one source, checking
+    that targets are each token's successor in its document and loss_mask is 1 exactly
+    where that successor exists. Returns (complete documents, trailing partial one)."""
+    docs, cur = [], None
+    stream = []  # (doc index, offset) of every token, to check targets afterwards
+    for toks, tgts, mask in pieces_of(batch_list):
+        toks = toks.tolist()
+        # A segment holds one document's piece: BOS only first, EOS only last.
+        assert TOK.bos_id not in toks[1:] and TOK.eos_id not in toks[:-1], toks
+        if toks[0] == TOK.bos_id:
+            assert cur is None, "a document started before the previous one ended"
+            cur = []
+            docs.append(cur)
+        else:
+            assert cur is not None, "a continuation piece without a started document"
+        for j, t in enumerate(toks):
+            stream.append((len(docs) - 1, len(cur), tgts[j], mask[j]))
+            cur.append(t)
+        if toks[-1] == TOK.eos_id:
+            cur = None
+    for d, off, tgt, m in stream:
+        doc = docs[d]
+        if off + 1 < len(doc):
+            assert m == 1.0 and tgt == doc[off + 1], (d, off)
+        elif cur is None or d != len(docs) - 1:  # the document's real last token (EOS)
+            assert m == 0.0 and tgt == 0 and doc[off] == TOK.eos_id, (d, off)
+    complete = docs if cur is None else docs[:-1]
+    return complete, (None if cur is None else cur)
+
+
+def as_token_doc(text):
+    return TOK.encode(text, bos=True, eos=True)
+
+
+def decode(doc):
+    assert doc[0] == TOK.bos_id and doc[-1] == TOK.eos_id
+    return bytes(doc[1:-1]).decode("utf-8")
+
+
+def run_to_end(it, max_batches=10_000):
+    out = []
+    for _ in range(max_batches):
+        try:
+            out.append(it.next())
+        except StopIteration:
+            return out
+    raise AssertionError("epoch_loop=False iterator did not stop")
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory):
+    """Text folder (short docs, lowercase), JSONL (medium, digits), Parquet (long, upper)."""
+    root = tmp_path_factory.mktemp("mix")
+    rng = random.Random(0)
+    a = random_docs(rng, 60, 5, 40, string.ascii_lowercase)
+    b = random_docs(rng, 40, 100, 250, string.digits)
+    c = random_docs(rng, 20, 400, 900, string.ascii_uppercase)
+    return (
+        DataSource(path=str(write_text_folder(root / "txt", a)), weight=0.5, glob="*.txt"),
+        DataSource(path=str(write_jsonl(root / "b.jsonl", b)), weight=0.3),
+        DataSource(path=str(write_parquet(root / "c.parquet", c)), weight=0.2),
+    ), (a, b, c)
+
+
+def source_of_tokens(toks):
+    """0/1/2 for lowercase/digit/uppercase content bytes, -1 for BOS/EOS."""
+    lab = np.full(toks.shape, -1)
+    lab[(toks >= ord("a")) & (toks <= ord("z"))] = 0
+    lab[(toks >= ord("0")) & (toks <= ord("9"))] = 1
+    lab[(toks >= ord("A")) & (toks <= ord("Z"))] = 2
+    return lab
+
+
+def test_mixture_token_shares_match_weights(three_sources):
+    sources, _ = three_sources
+    data = DataConfig(sources=sources, seed=3)
+    it = make_iterator(data, TOK, global_batch=8, seq_len=64)
+    counts = np.zeros(3)
+    unattributed = total = 0
+    for b in batches(it, 150):
+        check_batch_format(b, 8, 64)
+        assert (b["segment_ids"] > 0).all(), "an endless mixed stream needs no padding"
+        for toks, _, _ in pieces_of([b]):
+            lab = source_of_tokens(toks)
+            content = lab[lab >= 0]
+            total += len(toks)
+            if len(content) == 0:  # a lone BOS/EOS piece: count it against every source
+                unattributed += len(toks)
+                continue
+            assert (content == content[0]).all(), "a document mixes sources"
+            counts[content[0]] += len(toks)
+    shares = counts / total
+    assert unattributed / total < 0.01
+    np.testing.assert_allclose(shares, [0.5, 0.3, 0.2], atol=0.02)
+
+
+def test_packing_reconstructs_documents_exactly(tmp_path):
+    rng = random.Random(1)
+    # Lengths from 1 to ~3 rows, a unicode document, an empty one.
+    docs = random_docs(rng, 45, 0, 100, string.ascii_letters + " \n", tag="d")
+    docs += ["é ü 中文 — ünïcödé", ""]
+    src = DataSource(path=str(write_text_folder(tmp_path / "docs", docs)))
+    it = make_iterator(DataConfig(sources=(src,), seed=7), TOK, global_batch=3, seq_len=32,
+                       epoch_loop=False)
+    out = run_to_end(it)
+    for b in out:
+        check_batch_format(b, 3, 32)
+    complete, partial = reconstruct(out)
+    assert partial is None
+    assert sorted(decode(d) for d in complete) == sorted(docs)
+    # Only the final row may be short: at most one row of padding tokens in all.
+    n_pad = sum(int((b["segment_ids"] == 0).sum()) for b in out)
+    assert n_pad < 3 * 32 + 32
+    # Some documents span rows and some rows hold several documents.
+    assert any(b["segment_ids"].max() >= 3 for b in out)
+    assert sum(len(d) for d in complete) == sum(len(as_token_doc(d)) for d in docs)
+
+
+def test_packing_targets_cross_row_breaks_within_a_document(tmp_path):
+    docs = ["x" * 100, "y" * 7]
+    src = DataSource(path=str(write_text_folder(tmp_path / "d", docs)))
+    it = make_iterator(DataConfig(sources=(src,)), TOK, global_batch=1, seq_len=16,
+                       epoch_loop=False)
+    out = run_to_end(it)
+    complete, _ = reconstruct(out)  # checks targets/loss_mask token by token
+    assert sorted(decode(d) for d in complete) == sorted(docs)
+    first = out[0]
+    # A row cut inside a document: the last token still predicts the next one.
+    assert first["loss_mask"][0, -1] == 1.0
+    assert first["targets"][0, -1] == out[1]["tokens"][0, 0]
+    # The continuation restarts its positions as segment 1.
+    assert out[1]["segment_ids"][0, 0] == 1 and out[1]["positions"][0, 0] == 0
+
+
+def test_epochs_loop_and_reshuffle(tmp_path):
+    docs = [f"doc{i:02d}" for i in range(12)]
+    src = DataSource(path=str(write_text_folder(tmp_path / "d", docs)))
+    it = make_iterator(DataConfig(sources=(src,), seed=5), TOK, global_batch=2, seq_len=16)
+    complete, _ = reconstruct(batches(it, 40))
+    order = [decode(d) for d in complete]
+    assert len(order) >= 36
+    epochs = [order[i:i + 12] for i in range(0, 36, 12)]
+    for e in epochs:
+        assert sorted(e) == docs  # every epoch sees every document once
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled each epoch
+    # The seed decides the order; the same seed gives the same stream.
+    it_same = make_iterator(DataConfig(sources=(src,), seed=5), TOK, global_batch=2, seq_len=16)
+    it_other = make_iterator(DataConfig(sources=(src,), seed=6), TOK, global_batch=2, seq_len=16)
+    assert [decode(d) for d in reconstruct(batches(it_same, 40))[0]] == order
+    assert [decode(d) for d in reconstruct(batches(it_other, 40))[0]] != order
+
+
+def assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        for k in KEYS:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.mark.parametrize("opts", [{"prefetch": 0}, {}, {"num_threads": 2, "prefetch": 3}])
+def test_exact_resume_from_json_state(three_sources, opts):
+    sources, _ = three_sources
+    data = DataConfig(sources=sources, seed=11)
+    kw = dict(global_batch=4, seq_len=48, **opts)
+    it = make_iterator(data, TOK, **kw)
+    head = batches(it, 9)  # crosses epochs of the text source (60 short docs)
+    state = json.loads(json.dumps(it.get_state()))
+    tail = batches(it, 30)
+
+    resumed = make_iterator(data, TOK, **kw)
+    resumed.set_state(state)
+    assert_batches_equal(batches(resumed, 30), tail)
+    # The state is a snapshot: taking it again later and resuming also works.
+    state2 = json.loads(json.dumps(resumed.get_state()))
+    more = batches(resumed, 5)
+    again = make_iterator(data, TOK, **kw)
+    again.set_state(state2)
+    assert_batches_equal(batches(again, 5), more)
+    # And a fresh iterator replays the same head.
+    assert_batches_equal(batches(make_iterator(data, TOK, **kw), 9), head)
+    for x in (it, resumed, again):
+        x.close()
+
+
+def test_exact_resume_when_rows_end_on_document_ends(tmp_path):
+    # 14 and 6 characters = 16 and 8 tokens: rows of 16 end exactly where documents end,
+    # so the packer's state holds no partial document.
+    docs = [f"{i:02d}" + "q" * 12 for i in range(8)] + [f"{i:02d}" + "w" * 4 for i in range(8)]
+    src = DataSource(path=str(write_text_folder(tmp_path / "d", docs)))
+    data = DataConfig(sources=(src,), seed=1)
+    ref = batches(make_iterator(data, TOK, global_batch=1, seq_len=16), 12)
+    assert sum(b["segment_ids"].max() == 2 for b in ref) >= 2
+    for k in range(1, 7):
+        it = make_iterator(data, TOK, global_batch=1, seq_len=16)
+        batches(it, k)
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = make_iterator(data, TOK, global_batch=1, seq_len=16)
+        resumed.set_state(state)
+        assert_batches_equal(batches(resumed, 6), ref[k:k + 6])
+
+
+def test_resume_with_worker_processes(three_sources):
+    sources, _ = three_sources
+    data = DataConfig(sources=sources, seed=2)
+    kw = dict(global_batch=4, seq_len=32, worker_count=1)
+    with make_iterator(data, TOK, **kw) as it:
+        batches(it, 4)
+        state = json.loads(json.dumps(it.get_state()))
+        tail = batches(it, 4)
+    with make_iterator(data, TOK, **kw) as resumed:
+        resumed.set_state(state)
+        assert_batches_equal(batches(resumed, 4), tail)
+
+
+def test_resume_refuses_a_different_pipeline(three_sources):
+    sources, _ = three_sources
+    it = make_iterator(DataConfig(sources=sources), TOK, global_batch=4, seq_len=32)
+    it.next()
+    state = it.get_state()
+    other = make_iterator(DataConfig(sources=sources), TOK, global_batch=4, seq_len=64)
+    with pytest.raises(ValueError, match="seq_len"):
+        other.set_state(state)
+    with pytest.raises(ValueError, match="get_state"):
+        other.set_state({"foo": 1})
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
+    docs = [f"document number {i} " + "z" * (i % 17) for i in range(50)]
+    src = DataSource(path=str(write_jsonl(tmp_path / "d.jsonl", docs)))
+    data = DataConfig(sources=(src,), seed=4)
+
+    def read(index, count):
+        it = make_iterator(data, TOK, global_batch=4, seq_len=24, process_index=index,
+                           process_count=count, epoch_loop=False)
+        out = run_to_end(it)
+        for b in out:
+            check_batch_format(b, 4 // count, 24)
+        complete, partial = reconstruct(out)
+        assert partial is None
+        return [decode(d) for d in complete]
+
+    p0, p1, single = read(0, 2), read(1, 2), read(0, 1)
+    assert len(set(p0)) == len(p0) and len(set(p1)) == len(p1)
+    assert not set(p0) & set(p1)
+    assert sorted(p0 + p1) == sorted(single) == sorted(docs)
+    assert abs(len(p0) - len(p1)) <= 1
+    # Endless streams of the two processes also never share a document.
+    it0 = make_iterator(data, TOK, global_batch=4, seq_len=24, process_index=0, process_count=2)
+    it1 = make_iterator(data, TOK, global_batch=4, seq_len=24, process_index=1, process_count=2)
+    d0 = {decode(d) for d in reconstruct(batches(it0, 30))[0]}
+    d1 = {decode(d) for d in reconstruct(batches(it1, 30))[0]}
+    assert d0 and d1 and not d0 & d1
+
+
+def test_each_source_kind_reads_its_documents(three_sources):
+    sources, (a, b, c) = three_sources
+    for src, docs in zip(sources, (a, b, c)):
+        it = make_iterator(DataConfig(sources=(src,)), TOK, global_batch=2, seq_len=128,
+                           epoch_loop=False)
+        complete, _ = reconstruct(run_to_end(it))
+        assert sorted(decode(d) for d in complete) == sorted(docs)
+
+
+def test_resolve_kind():
+    assert resolve_kind(DataSource("a.jsonl")) == "jsonl"
+    assert resolve_kind(DataSource("a.JSON")) == "jsonl"
+    assert resolve_kind(DataSource("a.parquet")) == "parquet"
+    assert resolve_kind(DataSource("a.txt")) == "text"
+    assert resolve_kind(DataSource("folder")) == "text"
+    assert resolve_kind(DataSource("a.txt", kind="jsonl")) == "jsonl"
+
+
+def test_jsonl_blank_lines_are_skipped(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('\n{"text": "one"}\n\n   \n{"text": "two"}\r\n{"text": "three"}', encoding="utf-8")
+    it = make_iterator(DataConfig(sources=(DataSource(str(p)),)), TOK, global_batch=1,
+                       seq_len=8, epoch_loop=False)
+    complete, _ = reconstruct(run_to_end(it))
+    assert sorted(decode(d) for d in complete) == ["one", "three", "two"]
+
+
+def test_default_corpus_source():
+    it = make_iterator(DataConfig(), TOK, global_batch=2, seq_len=64)
+    out = batches(it, 2)
+    for b in out:
+        check_batch_format(b, 2, 64)
+        assert (b["segment_ids"] > 0).all()
+        assert b["tokens"].min() >= 0 and b["tokens"].max() <= TOK.eos_id
+    assert out[0]["tokens"][0, 0] == TOK.bos_id
+    assert not np.array_equal(out[0]["tokens"], out[1]["tokens"])
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def make(sources, **kw):
+    kw.setdefault("global_batch", 2)
+    kw.setdefault("seq_len", 16)
+    return make_iterator(DataConfig(sources=tuple(sources)), TOK, **kw)
+
+
+def test_error_missing_path(tmp_path):
+    missing = tmp_path / "nope" / "data.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"nope.*does not exist.*path"):
+        make([DataSource(str(missing))])
+
+
+def test_error_source_without_documents(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"empty.*yields no documents.*glob"):
+        make([DataSource(str(empty))])
+    write_text_folder(tmp_path / "txt", ["a", "b"])
+    with pytest.raises(ValueError, match=r"no files match glob '\*\.md'"):
+        make([DataSource(str(tmp_path / "txt"), glob="*.md")])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"blank\.jsonl.*yields no documents"):
+        make([DataSource(str(blank))])
+    no_rows = write_parquet(tmp_path / "none.parquet", [])
+    with pytest.raises(ValueError, match=r"none\.parquet.*yields no documents"):
+        make([DataSource(str(no_rows))])
+
+
+def test_error_unknown_kind(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", ["x"])
+    with pytest.raises(ValueError, match=r"unknown kind 'csv'.*auto, text, jsonl, parquet"):
+        make([DataSource(str(p), kind="csv")])
+
+
+def test_error_jsonl_line_without_field(tmp_path):
+    first = write_jsonl(tmp_path / "first.jsonl", ["a", "b"], field="content")
+    with pytest.raises(ValueError, match=r"first\.jsonl:1: .*no field 'text'.*content.*field"):
+        make([DataSource(str(first))])
+    assert make([DataSource(str(first), field="content")]).next()["tokens"].shape == (2, 16)
+
+    later = tmp_path / "later.jsonl"
+    later.write_text('{"text": "fine"}\n\n{"body": "oops"}\n{"text": "fine too"}\n')
+    it = make([DataSource(str(later))], global_batch=1, epoch_loop=False)
+    with pytest.raises(ValueError, match=r"later\.jsonl:3: .*no field 'text'"):
+        run_to_end(it)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        run_to_end(make([DataSource(str(bad))], global_batch=1, epoch_loop=False))
+
+
+def test_error_parquet_without_column(tmp_path):
+    p = write_parquet(tmp_path / "d.parquet", ["a", "b"], field="body")
+    with pytest.raises(ValueError, match=r"d\.parquet.*no column 'text'.*body"):
+        make([DataSource(str(p))])
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan")])
+def test_error_non_positive_weight(tmp_path, weight):
+    p = write_jsonl(tmp_path / "d.jsonl", ["x", "y"])
+    with pytest.raises(ValueError, match=r"d\.jsonl.*weight must be a positive number"):
+        make([DataSource(str(p)), DataSource(str(p), weight=weight)])
+
+
+def test_error_batch_not_divisible_and_too_few_documents(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", ["only one"])
+    with pytest.raises(ValueError, match=r"global_batch=5 is not divisible.*2"):
+        make([DataSource(str(p))], global_batch=5, process_count=2, process_index=0)
+    with pytest.raises(ValueError, match=r"1 document.*2 processes"):
+        make([DataSource(str(p))], global_batch=4, process_count=2, process_index=1)

@@ -1,0 +1,138 @@
+"""Pretrain Llama 3. `python train.py` trains a small model on this Python's standard library.
+
+    python train.py --config CONFIG --mesh MESH --steps N --out DIR [section.key=value ...]
+
+Running the same command again with the same --out resumes from the latest checkpoint.
+"""
+
+import argparse
+import os
+import pathlib
+import signal
+import sys
+import time
+
+from llama3_jax import distributed
+from llama3_jax.config import ConfigError, load_config, load_mesh
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="debug", help="preset name in configs/ or a .toml path")
+    p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (default: one device)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--out", default="runs/default", help="run directory: metrics, checkpoints, plots")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
+    # Fake CPU devices must be requested before JAX starts; real accelerators ignore this.
+    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // (args.num_processes or 1))
+    else:
+        distributed.fake_cpu_devices(mesh_cfg.fixed_device_count())
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+    from tqdm import tqdm
+
+    from llama3_jax import checkpointing, data, sharding, trainer
+    from llama3_jax.config import flops_per_token, param_count
+    from llama3_jax.generate import sample
+    from llama3_jax.metrics import MetricsWriter, plot_loss
+    from llama3_jax.tokenizer import Tokenizer, default_tokenizer
+
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    out = pathlib.Path(args.out)
+    tc = cfg.train
+
+    # --- validate everything before compiling or touching the run directory
+    sizes = trainer.validate(cfg, mesh_cfg, jax.device_count(), jax.process_count())
+    tok = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer(cfg.data.default_vocab_size)
+    if tok.n_words > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
+    batches = data.make_iterator(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    mesh = sharding.make_mesh(**sizes)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- state: resume from the latest checkpoint, else initialise (optionally from weights)
+    mngr = checkpointing.manager(out, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    restored = checkpointing.restore_latest(mngr, trainer.abstract_state(cfg, mesh), log=log)
+    if restored:
+        start, state, data_state = restored
+        batches.set_state(data_state)
+        log(f"resumed {out} at step {start}")
+    else:
+        start, init_params = 0, None
+        if tc.init_from:
+            init_params = trainer.load_init_params(cfg, mesh, tc.init_from)
+            log(f"initialised weights from {tc.init_from}")
+        state = trainer.init_state(cfg, mesh, params=init_params)
+    step_fn = trainer.make_train_step(cfg, mesh, mesh_cfg)
+
+    # --- preemption: SIGTERM finishes the current step, saves, and exits
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    n_params = param_count(cfg.model)
+    tokens_per_step = tc.global_batch * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = trainer.peak_flops(jax.devices()[0], tc.peak_flops_per_device)
+    log(f"model {args.config}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token; "
+        f"mesh {sizes} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    writer = MetricsWriter(out, resume_step=start, enabled=is_main)
+    bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    step = start
+    while step < tc.steps and not stop:
+        batch = trainer.host_batch_to_global(next(batches), mesh, sizes["cp"])
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batch)
+        m = jax.device_get(m)
+        dt = time.perf_counter() - t0
+        step += 1
+        tps = tokens_per_step / dt
+        tflops = flops_tok * tps / jax.device_count() / 1e12
+        writer.write({"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                      "lr": float(m["lr"]), "tokens": step * tokens_per_step, "step_time_s": dt,
+                      "tokens_per_s": tps, "tflops_per_device": tflops,
+                      "mfu": tflops * 1e12 / peak if peak else None})
+        checkpointing.save(mngr, step, state, batches.get_state(), cfg)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:,.0f}")
+    bar.close()
+    if step not in mngr.all_steps():
+        checkpointing.save(mngr, step, state, batches.get_state(), cfg, force=True)
+    mngr.wait_until_finished()
+    writer.close()
+    if stop:
+        log(f"SIGTERM: saved checkpoint at step {step} in {checkpointing.checkpoint_dir(out)}; exiting")
+        return 143
+
+    if is_main:
+        png = plot_loss(out)
+        prompt = tok.encode("def ", bos=True)
+        text = tok.decode(sample(state["params"], cfg.model, prompt, tc.sample_tokens, seed=tc.seed,
+                                 stop_ids=(tok.eos_id,)))
+        print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")
+        print(f"checkpoints: {checkpointing.checkpoint_dir(out)} (steps {sorted(mngr.all_steps())})")
+        print(f"loss curve:  {png}")
+        print(f"sample:      def {text!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
