@@ -60,8 +60,11 @@ def main(argv=None):
     if tok.n_words > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
                           f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
-    batches = data.make_iterator(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        batches = data.make_iterator(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    except ValueError as e:  # bad data sources: report like any other input error
+        raise ConfigError(str(e)) from None
     mesh = sharding.make_mesh(**sizes)
     out.mkdir(parents=True, exist_ok=True)
 

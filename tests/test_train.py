@@ -1,0 +1,171 @@
+"""train.py end to end: exact resume after SIGKILL, preemption, bad input, falling loss."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from llama3_jax.config import ConfigError
+from llama3_jax.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config", "debug-tiny", "model.compute_dtype=float32", "train.checkpoint_every=4",
+        "train.keep_checkpoints=3", "train.sample_tokens=4"]
+
+
+def cmd(out, steps, *extra):
+    return [sys.executable, str(REPO / "train.py"), "--out", str(out), "--steps", str(steps), *TINY, *extra]
+
+
+def env():
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)  # train.py asks for the devices its mesh needs
+    return e
+
+
+def run(out, steps, *extra, check=True):
+    p = subprocess.run(cmd(out, steps, *extra), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def final_params(out):
+    from llama3_jax import checkpointing
+    _, params = checkpointing.load_params(out)
+    return {k: np.asarray(v) for k, v in params.items()}
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in read_metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run(out, 12)
+    return out
+
+
+def test_metrics_have_every_field(uninterrupted):
+    records = read_metrics(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s",
+                "tflops_per_device", "mfu"):
+        assert all(r[key] is not None for r in records), key
+    assert records[-1]["tokens"] == 12 * 8 * 64
+    assert any(p.name.startswith("events.out.tfevents") for p in uninterrupted.iterdir())
+    assert (uninterrupted / "loss.png").stat().st_size > 1000
+    assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
+
+
+def test_sigkill_then_resume_is_exact(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out, 12), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    # Kill between checkpoints: after step 4 is saved and step 6 is logged.
+    while time.time() < deadline:
+        done = (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 6
+        if done and (out / "checkpoints" / "4").exists():
+            break
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(out)) < 12  # really interrupted
+    p = run(out, 12)
+    assert "resumed" in p.stdout
+    want, got = losses(uninterrupted), losses(out)
+    assert [s for s, _ in got] == list(range(1, 13))
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=1e-6)
+    a, b = final_params(uninterrupted), final_params(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, out)
+    state_dir = out / "checkpoints" / "12" / "state"
+    for f in state_dir.rglob("*"):  # garble every data file of the newest checkpoint
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage" * 3)
+    p = run(out, 12)
+    assert "checkpoint at step 12" in p.stdout and "could not be restored" in p.stdout
+    assert "resumed" in p.stdout and "at step 8" in p.stdout
+    np.testing.assert_allclose([v for _, v in losses(out)], [v for _, v in losses(uninterrupted)], atol=1e-6)
+    assert (out / "checkpoints" / "8").exists()  # nothing older was deleted
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(cmd(out, 1000), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-2000:]
+    last = read_metrics(out)[-1]["step"]
+    assert "SIGTERM" in stdout and last not in (4, 8)
+    assert (out / "checkpoints" / str(last)).exists()
+
+
+def test_default_run_loss_falls(tmp_path):
+    """The no-argument default (debug config, stdlib corpus, own BPE), shortened."""
+    out = tmp_path / "default"
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(out), "--steps", "60"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = read_metrics(out)
+    first = records[0]["loss"]
+    last = np.mean([r["loss"] for r in records[-5:]])
+    assert first > 7.0  # ~ln(2048) at initialisation
+    assert last < first - 1.5, (first, last)
+    assert "sample:" in p.stdout and "loss curve:" in p.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data.sources=[]"], "is a list of tables"),
+    (["model.n_layer=3"], "unknown key(s) model.n_layer; valid keys in [model]: dim, n_layers"),
+    (["trian.lr=1"], "unknown section 'trian'"),
+    (["data.seq_len=1024"], "exceeds model.max_seq_len=512"),
+    (["train.global_batch=6", "train.micro_batches=4"], "does not divide into train.micro_batches=4"),
+    (["data.tokenizer=/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
+])
+def test_bad_input_is_reported_clearly(tmp_path, args, message):
+    p = run(tmp_path / "bad", 2, *args, check=False)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_missing_data_path_and_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for src, message in [(tmp_path / "nope", "nope"), (tmp_path / "empty", "no documents")]:
+        cfg = tmp_path / "cfg.toml"
+        cfg.write_text(f'base = "{REPO / "configs" / "debug-tiny.toml"}"\n[[data.sources]]\npath = "{src}"\n')
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--out",
+                            str(tmp_path / "bad"), "--steps", "2"], cwd=REPO, env=env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+
+
+def test_config_errors_name_the_fix():
+    from llama3_jax.config import load_config
+    with pytest.raises(ConfigError, match="not found: give a .toml path or one of"):
+        load_config("llama3-9b")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config("debug-tiny", ["lr=3"])
+    with pytest.raises(ConfigError, match="train.steps must be int"):
+        load_config("debug-tiny", ["train.steps=ten"])
+    assert json.dumps(load_config("llama3.1-8b").model.rope_scaling_factor) == "8.0"
