@@ -61,8 +61,8 @@ def main(argv=None):
         raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
                           f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
     try:
-        batches = data.make_iterator(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+        batches = data.ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:  # bad data sources: report like any other input error
         raise ConfigError(str(e)) from None
     mesh = sharding.make_mesh(**sizes)
@@ -109,27 +109,29 @@ def main(argv=None):
                       "lr": float(m["lr"]), "tokens": step * tokens_per_step, "step_time_s": dt,
                       "tokens_per_s": tps, "tflops_per_device": tflops,
                       "mfu": tflops * 1e12 / peak if peak else None})
-        checkpointing.save(mngr, step, state, batches.get_state(), cfg)
+        if mngr.should_save(step):
+            checkpointing.save(mngr, step, state, batches.gather_state(), cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:,.0f}")
     bar.close()
     if step not in mngr.all_steps():
-        checkpointing.save(mngr, step, state, batches.get_state(), cfg, force=True)
+        checkpointing.save(mngr, step, state, batches.gather_state(), cfg, force=True)
     mngr.wait_until_finished()
     writer.close()
     if stop:
         log(f"SIGTERM: saved checkpoint at step {step} in {checkpointing.checkpoint_dir(out)}; exiting")
         return 143
 
+    # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
+    prompt = tok.encode(tc.sample_prompt, bos=True)
+    text = tok.decode(sample(state["params"], cfg.model, prompt, tc.sample_tokens, seed=tc.seed,
+                             stop_ids=(tok.eos_id,)))
     if is_main:
         png = plot_loss(out)
-        prompt = tok.encode("def ", bos=True)
-        text = tok.decode(sample(state["params"], cfg.model, prompt, tc.sample_tokens, seed=tc.seed,
-                                 stop_ids=(tok.eos_id,)))
         print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")
         print(f"checkpoints: {checkpointing.checkpoint_dir(out)} (steps {sorted(mngr.all_steps())})")
         print(f"loss curve:  {png}")
-        print(f"sample:      def {text!r}")
+        print(f"sample:      {tc.sample_prompt + text!r}")
     return 0
 
 

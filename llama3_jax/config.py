@@ -98,7 +98,9 @@ class DataConfig:
     default_vocab_size: int = 2048
     seq_len: int = 256
     seed: int = 0
-    # Default-corpus documents held out for evaluation/sampling are not needed; keep simple.
+    # Independent data streams; global batch row block s comes from shard s. 0 = one per
+    # JAX process. Fix it to resume exactly on a different number of processes.
+    shards: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class TrainConfig:
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (CPU: measured).
     peak_flops_per_device: float = 0.0
     sample_tokens: int = 48
+    sample_prompt: str = "def "
 
 
 @dataclass(frozen=True)

@@ -558,3 +558,61 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
                 "process_index": process_index, "process_count": process_count,
                 "epoch_loop": epoch_loop, "worker_count": worker_count}
     return DataIterator(ds, rows=rows, seq_len=seq_len, identity=identity)
+
+
+class ShardedBatches:
+    """This process's rows of the global batch, drawn from a fixed number of data shards.
+
+    Documents are split into `shards` independent streams (each packed on its own);
+    global batch row block s comes from shard s. A process owns a contiguous range of
+    shards, so the global batch is the same whatever the number of processes, as long as
+    it divides `shards`: a run can move to another host count and still resume exactly.
+    """
+
+    def __init__(self, data: DataConfig, tokenizer, *, global_batch: int, seq_len: int,
+                 process_index: int = 0, process_count: int = 1, **kw):
+        shards = data.shards or process_count
+        if shards % process_count or global_batch % shards:
+            raise ValueError(f"data.shards={shards} must be a multiple of the {process_count} "
+                             f"process(es) and divide train.global_batch={global_batch}")
+        per_process = shards // process_count
+        self.shard_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
+        self.iterators = [make_iterator(data, tokenizer, global_batch=global_batch, seq_len=seq_len,
+                                        process_index=s, process_count=shards, **kw)
+                          for s in self.shard_ids]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        """{shard id: state} for this process's shards (see `gather_state` for all)."""
+        return {str(s): it.get_state() for s, it in zip(self.shard_ids, self.iterators)}
+
+    def set_state(self, state: dict) -> None:
+        missing = [s for s in self.shard_ids if str(s) not in state]
+        if missing:
+            raise ValueError(f"the checkpoint's data state has no entry for shard(s) {missing}; "
+                             f"it was saved with another data.shards ({sorted(state)})")
+        for s, it in zip(self.shard_ids, self.iterators):
+            it.set_state(state[str(s)])
+
+    def gather_state(self) -> dict:
+        """Every process's shard states, merged (a collective: all processes must call it)."""
+        import jax
+        local = self.get_state()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[:blob.size] = blob
+        everything = np.asarray(multihost_utils.process_allgather(padded))
+        merged = {}
+        for row, size in zip(everything, sizes):
+            merged.update(json.loads(row[:size].tobytes()))
+        return merged

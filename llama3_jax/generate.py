@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama3_jax.model import forward
 
@@ -11,22 +12,24 @@ from llama3_jax.model import forward
 def sample(params, cfg, prompt: list[int], n_tokens: int, *, temperature: float = 0.8,
            seed: int = 0, stop_ids=()) -> list[int]:
     length = len(prompt) + n_tokens
-    buf = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
+    # A host buffer: under multi-process meshes it enters jit as a replicated input.
+    buf = np.zeros((1, length), np.int32)
+    buf[0, :len(prompt)] = prompt
 
     @jax.jit
-    def next_token(buf, i, key):
+    def next_token(params, buf, i, key_data):
         logits = forward(params, buf, cfg)[0, i - 1]
         if temperature == 0:
             return jnp.argmax(logits).astype(jnp.int32)
+        key = jax.random.wrap_key_data(key_data)
         return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
 
-    key = jax.random.key(seed)
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_tokens)))
     out = []
-    for i in range(len(prompt), length):
-        key, sub = jax.random.split(key)
-        tok = next_token(buf, i, sub)
-        buf = buf.at[0, i].set(tok)
-        out.append(int(tok))
+    for n, i in enumerate(range(len(prompt), length)):
+        tok = int(next_token(params, buf, np.int32(i), keys[n]))
+        buf[0, i] = tok
+        out.append(tok)
         if out[-1] in stop_ids:
             break
     return out
