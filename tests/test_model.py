@@ -1,7 +1,6 @@
 """The model against Hugging Face transformers' LlamaForCausalLM, the independent oracle."""
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -121,17 +120,19 @@ def test_ffn_sizes_follow_reference_formula():
     assert {n: load_config(n).model.ffn_dim for n in want} == want
 
 
-def test_compile_time_does_not_grow_with_depth():
-    """Layers run as a scan: compiling 32 layers costs about what 2 layers cost."""
-    def compile_seconds(n_layers):
+def test_program_size_does_not_grow_with_depth():
+    """Layers run as one scan: the compiled train-step program for 32 layers is the size of
+    the 2-layer one, so compile time does not grow with depth (timings:
+    benchmarks/compile_time.py)."""
+    from llama3_jax.model import forward, param_shapes
+
+    def compiled_ops(n_layers):
         cfg = load_config("debug-tiny", [f"model.n_layers={n_layers}"]).model
-        from llama3_jax.model import forward, param_shapes
         params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(cfg).items()}
         tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
         fn = jax.jit(jax.grad(lambda p, t: forward(p, t, cfg).mean()))
-        start = time.perf_counter()
-        fn.lower(params, tokens).compile()
-        return time.perf_counter() - start
-    compile_seconds(2)  # warm up tracing caches
-    t2, t32 = compile_seconds(2), compile_seconds(32)
-    assert t32 < 2.0 * t2 + 0.5, (t2, t32)
+        text = fn.lower(params, tokens).compile().as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+    small, deep = compiled_ops(2), compiled_ops(32)
+    # Unrolled, 32 layers would be ~16x the ops; the scan keeps it within a few fusions.
+    assert abs(deep - small) <= 0.02 * small, (small, deep)

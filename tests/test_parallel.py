@@ -216,3 +216,13 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
         _, m = fn(restored, trainer.host_batch_to_global(fixed_batch(seed=1), mesh, 1))
         losses.append(float(m["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_large_batch(reference):
+    cfg = load_config("debug-tiny", BASE)
+    batch = fixed_batch()
+    ref_loss, ref_params, _ = reference(cfg, (), batch)
+    loss, params, _ = one_step(load_config("debug-tiny", BASE + ["train.micro_batches=4"]), {}, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in ref_params:
+        np.testing.assert_allclose(params[name], ref_params[name], atol=1e-6, rtol=0, err_msg=name)

@@ -1,0 +1,42 @@
+"""Compile time of the train step against depth: layers run as a scan, so it stays flat.
+
+    python benchmarks/compile_time.py --config debug --layers 2 8 32 128
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="debug")
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32, 128])
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+
+    from llama3_jax import sharding as shd
+    from llama3_jax import trainer
+    from llama3_jax.config import load_config
+
+    print(f"{'layers':>7}{'compile s':>11}{'HLO ops':>9}")
+    for n in args.layers:
+        cfg = load_config(args.config, [f"model.n_layers={n}"])
+        mesh = shd.make_mesh(devices=jax.devices()[:1])
+        step = trainer.make_train_step(cfg, mesh)
+        B, S = cfg.train.global_batch, cfg.data.seq_len
+        bsh = trainer.batch_sharding(mesh)
+        batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bsh)
+                 for k in trainer.BATCH_KEYS}
+        t0 = time.perf_counter()
+        compiled = step.lower(trainer.abstract_state(cfg, mesh), batch).compile()
+        seconds = time.perf_counter() - t0
+        ops = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
+        print(f"{n:>7}{seconds:>11.2f}{ops:>9}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Pipeline parallelism against the one-device step, on fake CPU devices.
+
+Like tests/test_parallel.py: one full training step (forward, backward, AdamW update)
+on a pipelined mesh must give the loss and updated parameters of the one-device step.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_parallel import BASE, fixed_batch, one_step  # noqa: E402
+
+from llama3_jax import pipeline, trainer  # noqa: E402
+from llama3_jax import sharding as shd  # noqa: E402
+from llama3_jax.config import ConfigError, MeshConfig, load_config  # noqa: E402
+
+DEEP = BASE + ["model.n_layers=8"]
+AXES = ("dp", "fsdp", "pp", "cp", "tp")
+
+
+def pp_step(cfg, mesh_cfg, batch):
+    sizes = {a: getattr(mesh_cfg, a) for a in AXES if getattr(mesh_cfg, a) > 1}
+    return one_step(cfg, sizes, batch, mesh_cfg)
+
+
+def assert_same_step(got, want):
+    loss, params, _ = got
+    ref_loss, ref_params, _ = want
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(params) == set(ref_params)
+    for name in ref_params:
+        assert params[name].dtype == ref_params[name].dtype and params[name].shape == ref_params[name].shape
+        np.testing.assert_allclose(params[name], ref_params[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cache = {}
+
+    def get(overrides):
+        key = tuple(overrides)
+        if key not in cache:
+            cfg = load_config("debug-tiny", DEEP + list(overrides))
+            cache[key] = one_step(cfg, {}, fixed_batch())
+        return cache[key]
+    return get
+
+
+CASES = [
+    (dict(pp=2, pp_microbatches=4), []),
+    (dict(pp=4, pp_microbatches=2), []),  # fewer micro-batches than stages
+    (dict(pp=4, pp_microbatches=8), ["model.remat=full"]),
+    (dict(pp=2, pp_virtual_stages=2, pp_microbatches=4), []),  # interleaved
+    (dict(pp=2, tp=2, fsdp=2, pp_microbatches=4), []),  # 8 devices, with TP and FSDP
+    # Light ends over 4 logical stages: 6 layers as 1, 2, 2, 1 (+ embedding / head+loss).
+    (dict(pp=2, pp_virtual_stages=2, pp_microbatches=2, pp_light_ends=True), ["model.n_layers=6"]),
+]
+
+
+@pytest.mark.parametrize("mesh,extra", CASES, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items())
+                         if isinstance(v, dict) else "-".join(v))
+def test_pipelined_step_equals_single_device_step(mesh, extra, reference):
+    cfg = load_config("debug-tiny", DEEP + extra)
+    got = pp_step(cfg, MeshConfig(**mesh), fixed_batch())
+    want = reference(extra)
+    assert_same_step(got, want)
+    # The step moved the parameters by far more than the tolerance.
+    init = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    assert np.abs(want[1]["wq"] - init["wq"]).max() > 1e-4
+    assert np.abs(want[1]["w2"][-1] - init["w2"][-1]).max() > 1e-4
+
+
+def _paper16():
+    """Runs in a subprocess with 16 fake devices: the paper's tp=cp=pp=dp=2 mesh."""
+    cfg = load_config("debug-tiny", DEEP)
+    mesh_cfg = MeshConfig(dp=2, pp=2, cp=2, tp=2, pp_microbatches=4)
+    trainer.validate(cfg, mesh_cfg, 16)
+    batch = fixed_batch()
+    loss, params, _ = pp_step(cfg, mesh_cfg, batch)
+    ref_loss, ref_params, _ = one_step(cfg, {}, batch)
+    err = {k: float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params}
+    print(json.dumps({"loss": loss, "ref_loss": ref_loss, "err": err}))
+
+
+def test_paper_16_device_mesh_in_subprocess():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16", JAX_PLATFORMS="cpu")
+    code = ("import jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
+            "import test_pipeline as t; assert len(jax.devices()) == 16; t._paper16()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-5)
+    for name, err in result["err"].items():
+        assert err <= 1e-6, (name, err)
+
+
+# ---------------------------------------------------------------- schedule and layout
+
+@pytest.mark.parametrize("P,V,M", [(2, 1, 4), (4, 1, 2), (4, 1, 8), (2, 2, 4), (2, 2, 3), (4, 2, 2),
+                                   (4, 3, 5), (3, 2, 1), (1, 2, 3)])
+def test_schedule_runs_every_stage_once_in_dependency_order(P, V, M):
+    plan = pipeline.Plan(pp=P, virtual=V, microbatches=M, n_layers=P * V)
+    when = {}
+    for t in range(plan.iterations):
+        for p in range(P):
+            pos = plan.position(t, p)
+            if pos is not None:
+                m, v = pos
+                assert (m, v, p) not in when
+                when[m, v, p] = t
+    assert len(when) == M * V * P  # every micro-batch through every logical stage
+    for (m, v, p), t in when.items():
+        if p + 1 < P:  # handed to the next rank, which runs it the next iteration
+            assert when[m, v, p + 1] == t + 1
+        elif v + 1 < V:  # wrapped round to rank 0, held in its ring buffer
+            assert when[m, v + 1, 0] - (t + 1) == plan.ring - 1
+    assert plan.iterations == max(when.values()) + 1
+    if M >= P or V == 1:
+        assert plan.schedule_idle_fraction == pytest.approx(plan.bubble_fraction)
+        assert plan.bubble_fraction == pytest.approx((P - 1) / (V * M))
+
+
+def test_light_ends_layer_assignment():
+    plan = pipeline.Plan(pp=2, virtual=2, microbatches=4, n_layers=10, light_ends=True)
+    assert [len(s) for s in plan.stage_layers()] == [2, 3, 3, 2]
+    assert sum(plan.stage_layers(), []) == list(range(10))
+    index, pad = plan.layer_index()
+    # Logical stage s = v*pp + p sits at [p, v]; the end stages' slot 0 is padding.
+    assert pad.tolist() == [[True, False], [False, True]]
+    assert index[0, 0, 1:].tolist() == [0, 1] and index[1, 1, 1:].tolist() == [8, 9]
+    assert index[1, 0].tolist() == [2, 3, 4] and index[0, 1].tolist() == [5, 6, 7]
+    # Interleaved without light ends: rank 0 holds stages 0 and 2.
+    plain = pipeline.Plan(pp=2, virtual=2, microbatches=4, n_layers=8)
+    layers = {"w": jnp.arange(8)}
+    np.testing.assert_array_equal(pipeline.to_stages(layers, plain)["w"], [[[0, 1], [4, 5]], [[2, 3], [6, 7]]])
+
+
+# ---------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("mesh,overrides,message", [
+    (dict(pp=4), ["model.n_layers=6"], "n_layers=6 is not divisible into pp\\*pp_virtual_stages=4\\*1=4"),
+    (dict(pp=2, pp_virtual_stages=2), ["model.n_layers=6"], "4 stages"),
+    (dict(pp=2, pp_virtual_stages=0), ["model.n_layers=8"], "pp_virtual_stages=0 must be at least 1"),
+    (dict(pp=2, pp_microbatches=0), ["model.n_layers=8"], "pp_microbatches=0 must be at least 1"),
+    (dict(pp=4, pp_light_ends=True), ["model.n_layers=8"], "plus the 2 lighter ends \\(10\\)"),
+    (dict(pp=4, pp_light_ends=True), ["model.n_layers=2"], "without layers"),
+    (dict(pp=2, pp_microbatches=3), ["model.n_layers=8"], "does not divide into mesh.pp_microbatches=3"),
+    (dict(pp=2, dp=2, pp_microbatches=8), ["model.n_layers=8"], "does not divide over dp\\*fsdp=2"),
+    (dict(pp=2, pp_light_ends=True), ["model.n_layers=6"], None),
+    (dict(pp=4, pp_virtual_stages=2, pp_microbatches=2), ["model.n_layers=8"], None),
+])
+def test_pipeline_config_errors_are_clear(mesh, overrides, message):
+    cfg = load_config("debug-tiny", overrides)
+    mesh_cfg = MeshConfig(**mesh)
+    n = int(np.prod([mesh.get(a, 1) for a in AXES]))
+    if message is None:
+        trainer.validate(cfg, mesh_cfg, n)
+        return
+    with pytest.raises(ConfigError, match=message):
+        trainer.validate(cfg, mesh_cfg, n)
+
+
+# ---------------------------------------------------------------- checkpoints, HLO, memory
+
+def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
+    from llama3_jax import checkpointing
+    cfg = load_config("debug-tiny", DEEP)
+    mesh_cfg = MeshConfig(pp=2, pp_microbatches=2)
+    _, params, state = pp_step(cfg, mesh_cfg, fixed_batch())
+    one = shd.make_mesh(devices=jax.devices()[:1])
+    abstract = trainer.abstract_state(cfg, one)
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    mngr = checkpointing.manager(tmp_path, async_save=False)
+    checkpointing.save(mngr, 1, state, {}, cfg, force=True)
+    mngr.wait_until_finished()
+    step, restored, _ = checkpointing.restore_latest(checkpointing.manager(tmp_path, read_only=True), abstract)
+    assert step == 1
+    for name in params:
+        np.testing.assert_array_equal(jax.device_get(restored["params"][name]), params[name])
+        assert restored["params"][name].sharding.device_set == {jax.devices()[0]}
+    # The restored state trains on, on one device.
+    step_fn = trainer.make_train_step(cfg, one)
+    batch = trainer.host_batch_to_global(fixed_batch(seed=1), one, 1)
+    _, metrics = step_fn(restored, batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def _lowered(cfg, mesh_cfg):
+    sizes = {a: getattr(mesh_cfg, a) for a in AXES}
+    n = int(np.prod(list(sizes.values())))
+    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
+    abstract = trainer.abstract_state(cfg, mesh)
+    step = trainer.make_train_step(cfg, mesh, mesh_cfg)
+    b = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=trainer.batch_sharding(mesh))
+    bf = jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=trainer.batch_sharding(mesh))
+    return step.lower(abstract, dict(tokens=b, targets=b, segment_ids=b, positions=b, loss_mask=bf))
+
+
+def test_stage_transfer_is_a_collective_permute():
+    cfg = load_config("debug-tiny", DEEP)
+    hlo = _lowered(cfg, MeshConfig(pp=2, tp=2, pp_microbatches=4)).compile().as_text()
+    permutes = [line for line in hlo.splitlines() if re.search(r"= \S+ collective-permute(-start)?\(", line)]
+    assert permutes, "stage-to-stage transfer must be a collective-permute"
+    # The transferred value is one micro-batch's activation: 2 rows x 64 positions x dim 64,
+    # sequence-parallel over tp=2 -> f32[2,32,64]; pp pairs are devices (0,2) and (1,3).
+    acts = [line for line in permutes if "f32[2,32,64]" in line]
+    assert acts, permutes
+    assert any("{0,2}" in line and "{1,3}" in line for line in acts)
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_loop_saves_activations_not_weights(remat):
+    """Residuals stacked over the T loop iterations: stage inputs only with remat=full,
+    more activations with remat=none, and never a copy of the stage weights."""
+    cfg = load_config("debug-tiny", DEEP + [f"model.remat={remat}", "model.compute_dtype=bfloat16"])
+    mesh = shd.make_mesh(pp=2, devices=jax.devices()[:2])
+    grad_fn = pipeline.make_grad_fn(cfg, mesh, MeshConfig(pp=2, pp_microbatches=4))
+    T = grad_fn.plan.iterations
+    params = jax.eval_shape(lambda: trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fixed_batch().items()}
+    text = str(jax.make_jaxpr(grad_fn)(params, batch))
+    stacked = set(re.findall(rf"\b(?:f32|bf16)\[{T},[0-9,]*\]", text))
+    # Weights would end in [..., 64, 192] (w1/w3), [..., 192, 64] (w2) or [..., 64, 4, 16] (wq)
+    # without a micro-batch dim; activations have [.., 2 rows, 64 positions, ...].
+    weights = {s for s in stacked if re.search(r",(64,192|192,64|64,4,16|64,2,16|4,16,64)\]$", s)
+               and ",2,64," not in s}
+    assert not weights, weights
+    if remat == "full":
+        assert stacked == {f"bf16[{T},2,64,64]"}
+    else:
+        assert f"bf16[{T},4,2,64,192]" in stacked  # the MLP activations of the stage's 4 layers
+
+
+if __name__ == "__main__":
+    _paper16()
