@@ -101,6 +101,8 @@ class DataConfig:
     # Independent data streams; global batch row block s comes from shard s. 0 = one per
     # JAX process. Fix it to resume exactly on a different number of processes.
     shards: int = 0
+    # Packed rows are shuffled within windows of this many rows (0 or 1 = off).
+    shuffle_rows: int = 1024
 
 
 @dataclass(frozen=True)

@@ -543,7 +543,14 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
         ds = ds.map(encode)
         it = ds.to_iter_dataset(read_options)
         it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"x": seq_len})
-        packed.append(it.map(_pack_row))
+        it = it.map(_pack_row)
+        if data.shuffle_rows > 1:
+            # Packing keeps a long file's rows together; shuffling rows within a window
+            # spreads them over many batches (checkpointable: replays from the window start).
+            it = grain.experimental.WindowShuffleIterDataset(
+                it, window_size=data.shuffle_rows,
+                seed=(data.seed + i * _SOURCE_SEED_STRIDE + 1) % 2**32)
+        packed.append(it)
 
     ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, weights)
     ds = ds.batch(rows, drop_remainder=False, batch_fn=_MakeBatch(rows, seq_len))

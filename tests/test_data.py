@@ -9,7 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llama3_jax.config import DataConfig, DataSource
+import functools
+
+from llama3_jax import config
+from llama3_jax.config import DataSource
+
+# Most tests read rows in packing order to check the packing itself; the row shuffle is
+# tested on its own below.
+DataConfig = functools.partial(config.DataConfig, shuffle_rows=0)
 from llama3_jax.data import make_iterator, resolve_kind
 
 KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -468,3 +475,38 @@ def test_error_batch_not_divisible_and_too_few_documents(tmp_path):
         make([DataSource(str(p))], global_batch=5, process_count=2, process_index=0)
     with pytest.raises(ValueError, match=r"1 document.*2 processes"):
         make([DataSource(str(p))], global_batch=4, process_count=2, process_index=1)
+
+
+def test_row_shuffle_spreads_long_documents_and_resumes_exactly(tmp_path):
+    # One very long document and many short ones: without the row shuffle the long one
+    # fills many consecutive batches.
+    (tmp_path / "long.txt").write_text("L" * 4000)
+    for i in range(40):
+        (tmp_path / f"s{i:02d}.txt").write_text(string.ascii_lowercase[i % 26] * 30)
+    src = DataSource(str(tmp_path))
+    def longest_run_of_long_rows(shuffle_rows):
+        data = config.DataConfig(sources=(src,), seed=0, shuffle_rows=shuffle_rows)
+        it = make_iterator(data, TOK, global_batch=2, seq_len=16, prefetch=0)
+        batches = [next(it) for _ in range(200)]  # 400 rows: more than one epoch (~330)
+        is_long = [bool((b["tokens"][r] == ord("L")).all()) for b in batches for r in range(2)]
+        best = run = 0
+        for flag in is_long:
+            run = run + 1 if flag else 0
+            best = max(best, run)
+        return best, batches, it, data
+
+    plain, _, _, _ = longest_run_of_long_rows(0)
+    shuffled, batches, it, data = longest_run_of_long_rows(512)
+    assert plain >= 200 and shuffled < 20, (plain, shuffled)
+    for batch in batches:  # packing invariants still hold row by row
+        for r in range(2):
+            seg, pos = batch["segment_ids"][r], batch["positions"][r]
+            starts = np.r_[True, seg[1:] != seg[:-1]]
+            assert (pos[starts] == 0).all() and (pos[~starts] == pos[np.r_[False, ~starts[1:]].nonzero()[0] - 1] + 1).all()
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(30)]  # crosses window boundaries
+    again = make_iterator(data, TOK, global_batch=2, seq_len=16, prefetch=0)
+    again.set_state(state)
+    for a, b in zip(want, (next(again) for _ in range(30))):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

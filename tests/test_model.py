@@ -136,3 +136,18 @@ def test_program_size_does_not_grow_with_depth():
     small, deep = compiled_ops(2), compiled_ops(32)
     # Unrolled, 32 layers would be ~16x the ops; the scan keeps it within a few fusions.
     assert abs(deep - small) <= 0.02 * small, (small, deep)
+
+
+def test_attention_implementations_agree():
+    from llama3_jax.attention import attention
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 24, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 24, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 24, 2, 16)), jnp.float32)
+    seg = jnp.asarray(np.r_[np.ones(10), 2 * np.ones(14)][None].repeat(2, 0), jnp.int32)
+    pos = jnp.asarray(np.r_[np.arange(10), np.arange(14)][None].repeat(2, 0), jnp.int32)
+    ref = attention(q, k, v, seg, seg, pos, pos, impl="xla")
+    out = attention(q, k, v, seg, seg, pos, pos, impl="jax_nn")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="choose one of xla, jax_nn"):
+        attention(q, k, v, seg, seg, pos, pos, impl="flash")
