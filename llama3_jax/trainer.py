@@ -6,7 +6,6 @@ forward pass casts weights to the compute dtype. One jitted step with donated st
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from llama3_jax import sharding as shd
 from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig
@@ -249,7 +248,3 @@ def host_batch_to_global(batch: dict, mesh, cp: int):
         batch = {k: v[:, order] for k, v in batch.items()}
     sh = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k])) for k in BATCH_KEYS}
-
-
-def replace(cfg, **kw):
-    return dataclasses.replace(cfg, **kw)
