@@ -25,7 +25,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("dp", "fsdp", "pp", "cp", "tp")
 
@@ -84,14 +84,20 @@ def constrain(x, names):
 
 
 def make_mesh(dp=1, fsdp=1, pp=1, cp=1, tp=1, devices=None) -> Mesh:
-    """The 5-axis mesh (dp, fsdp, pp, cp, tp); one size may be -1 for the remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_axis_sizes(dict(dp=dp, fsdp=fsdp, pp=pp, cp=cp, tp=tp), len(devices))
+    """The 5-axis mesh (dp, fsdp, pp, cp, tp); one size may be -1 for the remaining devices.
+
+    With `devices` given, they are laid out row-major (tp innermost: exactly the paper's
+    groups). Otherwise `jax.make_mesh` orders all devices so that the inner axes land on
+    the fastest interconnect (NVLink inside a node, the ICI torus on TPU); on CPU that is
+    the same row-major order. Axes are Auto: sharding follows the logical-axis rules.
+    """
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    n = len(jax.devices()) if devices is None else len(devices)
+    sizes = resolve_axis_sizes(dict(dp=dp, fsdp=fsdp, pp=pp, cp=cp, tp=tp), n)
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if devices == list(jax.devices()) and jax.devices()[0].platform != "cpu":
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    # Row-major device order: tp innermost, exactly the paper's groups.
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    if devices is None:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(list(devices), dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def resolve_axis_sizes(sizes: dict, n_devices: int) -> dict:
