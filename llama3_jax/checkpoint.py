@@ -84,6 +84,16 @@ def from_torch_layout(name: str, w, cfg: ModelConfig):
     return w
 
 
+def torch_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of one layer's (or a global) tensor in Meta's / Hugging Face's torch layout."""
+    d, hd, f, V = cfg.dim, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    return {
+        "embed": (V, d), "output": (V, d), "norm": (d,), "attention_norm": (d,), "ffn_norm": (d,),
+        "wq": (cfg.n_heads * hd, d), "wk": (cfg.n_kv_heads * hd, d), "wv": (cfg.n_kv_heads * hd, d),
+        "wo": (d, cfg.n_heads * hd), "w1": (f, d), "w3": (f, d), "w2": (d, f),
+    }[name]
+
+
 def qk_heads(name: str, cfg: ModelConfig) -> int | None:
     return {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}.get(name)
 
@@ -149,6 +159,11 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, bos_id: int = 128000, eos_id: int | list = 128001,
                  torch_dtype: str = "bfloat16") -> dict:
+    """A Hugging Face LlamaForCausalLM config.json for `cfg`.
+
+    The rotary settings are written in both spellings: transformers >= 5 reads
+    `rope_parameters` (with rope_theta inside), older versions `rope_theta` + `rope_scaling`.
+    """
     hf = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
@@ -158,8 +173,9 @@ def config_to_hf(cfg: ModelConfig, bos_id: int = 128000, eos_id: int | list = 12
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         "initializer_range": cfg.init_std, "bos_token_id": bos_id, "eos_token_id": eos_id,
-        "torch_dtype": torch_dtype, "use_cache": True,
+        "torch_dtype": torch_dtype, "dtype": torch_dtype, "use_cache": True, "pretraining_tp": 1,
         "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
     }
     if cfg.rope_scaling_factor is not None:
         hf["rope_scaling"] = {
@@ -167,6 +183,7 @@ def config_to_hf(cfg: ModelConfig, bos_id: int = 128000, eos_id: int | list = 12
             "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_position,
         }
+        hf["rope_parameters"] = {**hf["rope_scaling"], "rope_theta": cfg.rope_theta}
     return hf
 
 
@@ -196,14 +213,26 @@ class SafetensorsDir:
         self._open = {}
         self._safe_open = safe_open
 
-    def get(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: tensor {name!r} not found")
         f = self.weight_map[name]
         if f not in self._open:
             self._open[f] = self._safe_open(self.path / f, "pt")  # "pt" reads bfloat16 too
-        t = self._open[f].get_tensor(name)
+        return self._open[f]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as numpy (bfloat16 is widened to float32, exactly)."""
+        t = self._handle(name).get_tensor(name)
         return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file header, without reading its data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def close(self):
+        """Drop the open (memory-mapped) files, so pages read so far leave this process."""
+        self._open.clear()
 
 
 def read_hf_params(path, cfg: ModelConfig, dtype=np.float32, put=None) -> dict:
