@@ -126,7 +126,7 @@ def make_train_step(cfg: Config, mesh, mesh_cfg: MeshConfig | None = None):
     schedule = lr_schedule(cfg.train)
     abstract = abstract_state(cfg, mesh)
     micro = cfg.train.micro_batches
-    if mesh_cfg.pp > 1:
+    if mesh.shape["pp"] > 1:
         from llama3_jax import pipeline
         grad_fn = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
     else:
@@ -193,6 +193,9 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
         raise ConfigError(f"data.seq_len={seq} must be divisible by 2*cp={2 * cp} for context parallelism")
     if seq % (cp * tp):
         raise ConfigError(f"data.seq_len={seq} must be divisible by cp*tp={cp * tp} (sequence parallelism)")
+    if pp > 1:  # pipeline settings first: the batch checks below divide by them
+        from llama3_jax import pipeline
+        pipeline.validate(m, mesh_cfg, sizes)
     data_ways = sizes["dp"] * sizes["fsdp"]
     if t.global_batch % t.micro_batches:
         raise ConfigError(f"train.global_batch={t.global_batch} does not divide into "
@@ -208,9 +211,6 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
                           "change train.global_batch, train.micro_batches or the mesh")
     if t.global_batch % process_count:
         raise ConfigError(f"train.global_batch={t.global_batch} does not divide over {process_count} processes")
-    if pp > 1:
-        from llama3_jax import pipeline
-        pipeline.validate(m, mesh_cfg, sizes)
     return sizes
 
 

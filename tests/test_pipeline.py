@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_parallel import BASE, fixed_batch, one_step  # noqa: E402
+from test_parallel import BASE, fixed_batch  # noqa: E402
 
 from llama3_jax import pipeline, trainer  # noqa: E402
 from llama3_jax import sharding as shd  # noqa: E402
@@ -26,14 +26,35 @@ DEEP = BASE + ["model.n_layers=8"]
 AXES = ("dp", "fsdp", "pp", "cp", "tp")
 
 
-def pp_step(cfg, mesh_cfg, batch):
-    sizes = {a: getattr(mesh_cfg, a) for a in AXES if getattr(mesh_cfg, a) > 1}
-    return one_step(cfg, sizes, batch, mesh_cfg)
+def run_step(cfg, mesh_cfg, batch):
+    """One training step on the mesh of `mesh_cfg`: (loss, params, state, compiled HLO text)."""
+    sizes = {a: getattr(mesh_cfg, a) for a in AXES}
+    n = int(np.prod(list(sizes.values())))
+    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
+    trainer.validate(cfg, mesh_cfg, n)
+    state = trainer.init_state(cfg, mesh)
+    step = trainer.make_train_step(cfg, mesh, mesh_cfg)
+    gbatch = trainer.host_batch_to_global(batch, mesh, mesh_cfg.cp)
+    compiled = step.lower(state, gbatch).compile()  # compiled once: run it and keep its HLO
+    state, metrics = compiled(state, gbatch)
+    return float(metrics["loss"]), jax.device_get(state["params"]), state, compiled.as_text()
+
+
+_STEPS = {}
+
+
+def cached_step(mesh: dict, extra=()):
+    """The step of one test case, shared by the tests that inspect it."""
+    key = (tuple(sorted(mesh.items())), tuple(extra))
+    if key not in _STEPS:
+        cfg = load_config("debug-tiny", DEEP + list(extra))
+        _STEPS[key] = run_step(cfg, MeshConfig(**mesh), fixed_batch())
+    return _STEPS[key]
 
 
 def assert_same_step(got, want):
-    loss, params, _ = got
-    ref_loss, ref_params, _ = want
+    loss, params = got[:2]
+    ref_loss, ref_params = want[:2]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert set(params) == set(ref_params)
     for name in ref_params:
@@ -43,64 +64,67 @@ def assert_same_step(got, want):
 
 @pytest.fixture(scope="module")
 def reference():
-    cache = {}
+    """The one-device step (remat does not change the arithmetic, so one reference serves)."""
+    cfg = load_config("debug-tiny", DEEP)
+    ref = run_step(cfg, MeshConfig(), fixed_batch())
+    # The step moves the parameters (first and last layer) by far more than the tolerance.
+    init = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    assert np.abs(ref[1]["wq"][0] - init["wq"][0]).max() > 1e-4
+    assert np.abs(ref[1]["w2"][-1] - init["w2"][-1]).max() > 1e-4
+    return ref
 
-    def get(overrides):
-        key = tuple(overrides)
-        if key not in cache:
-            cfg = load_config("debug-tiny", DEEP + list(overrides))
-            cache[key] = one_step(cfg, {}, fixed_batch())
-        return cache[key]
-    return get
 
-
+TP_FSDP = dict(pp=2, tp=2, fsdp=2, pp_microbatches=4)
 CASES = [
     (dict(pp=2, pp_microbatches=4), []),
     (dict(pp=4, pp_microbatches=2), []),  # fewer micro-batches than stages
     (dict(pp=4, pp_microbatches=8), ["model.remat=full"]),
     (dict(pp=2, pp_virtual_stages=2, pp_microbatches=4), []),  # interleaved
-    (dict(pp=2, tp=2, fsdp=2, pp_microbatches=4), []),  # 8 devices, with TP and FSDP
-    # Light ends over 4 logical stages: 6 layers as 1, 2, 2, 1 (+ embedding / head+loss).
-    (dict(pp=2, pp_virtual_stages=2, pp_microbatches=2, pp_light_ends=True), ["model.n_layers=6"]),
+    (TP_FSDP, []),  # 8 devices, with TP and FSDP
+    # Light ends: 8 layers over 5 stages as 1, 2, 2, 2, 1 (+ embedding / head and loss).
+    (dict(pp=5, pp_microbatches=4, pp_light_ends=True), []),
 ]
 
 
 @pytest.mark.parametrize("mesh,extra", CASES, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items())
                          if isinstance(v, dict) else "-".join(v))
 def test_pipelined_step_equals_single_device_step(mesh, extra, reference):
-    cfg = load_config("debug-tiny", DEEP + extra)
-    got = pp_step(cfg, MeshConfig(**mesh), fixed_batch())
-    want = reference(extra)
-    assert_same_step(got, want)
-    # The step moved the parameters by far more than the tolerance.
-    init = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
-    assert np.abs(want[1]["wq"] - init["wq"]).max() > 1e-4
-    assert np.abs(want[1]["w2"][-1] - init["w2"][-1]).max() > 1e-4
+    assert_same_step(cached_step(mesh, extra), reference)
 
 
 def _paper16():
     """Runs in a subprocess with 16 fake devices: the paper's tp=cp=pp=dp=2 mesh."""
     cfg = load_config("debug-tiny", DEEP)
-    mesh_cfg = MeshConfig(dp=2, pp=2, cp=2, tp=2, pp_microbatches=4)
-    trainer.validate(cfg, mesh_cfg, 16)
-    batch = fixed_batch()
-    loss, params, _ = pp_step(cfg, mesh_cfg, batch)
-    ref_loss, ref_params, _ = one_step(cfg, {}, batch)
+    loss, params = run_step(cfg, MeshConfig(dp=2, pp=2, cp=2, tp=2, pp_microbatches=4), fixed_batch())[:2]
+    ref_loss, ref_params = run_step(cfg, MeshConfig(), fixed_batch())[:2]
     err = {k: float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params}
     print(json.dumps({"loss": loss, "ref_loss": ref_loss, "err": err}))
 
 
-def test_paper_16_device_mesh_in_subprocess():
+@pytest.fixture(scope="module", autouse=True)
+def paper16_process(request):
+    """Started before the other tests so that it compiles while they run (when selected)."""
+    if not any(item.name == "test_paper_16_device_mesh_in_subprocess" for item in request.session.items):
+        yield None
+        return
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16", JAX_PLATFORMS="cpu")
     code = ("import jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
-            "import test_pipeline as t; assert len(jax.devices()) == 16; t._paper16()")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+            "assert len(jax.devices()) == 16; import test_pipeline as t; t._paper16()")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_paper_16_device_mesh_in_subprocess(paper16_process):
+    out, err = paper16_process.communicate(timeout=600)
+    assert paper16_process.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-5)
-    for name, err in result["err"].items():
-        assert err <= 1e-6, (name, err)
+    for name, e in result["err"].items():
+        assert e <= 1e-6, (name, e)
 
 
 # ---------------------------------------------------------------- schedule and layout
@@ -138,6 +162,9 @@ def test_light_ends_layer_assignment():
     assert pad.tolist() == [[True, False], [False, True]]
     assert index[0, 0, 1:].tolist() == [0, 1] and index[1, 1, 1:].tolist() == [8, 9]
     assert index[1, 0].tolist() == [2, 3, 4] and index[0, 1].tolist() == [5, 6, 7]
+    # Llama 3 405B: 126 layers on pp=16 stages of 8 slots, the two ends with 7 layers.
+    big = pipeline.Plan(pp=16, virtual=1, microbatches=16, n_layers=126, light_ends=True)
+    assert [len(s) for s in big.stage_layers()] == [7] + [8] * 14 + [7]
     # Interleaved without light ends: rank 0 holds stages 0 and 2.
     plain = pipeline.Plan(pp=2, virtual=2, microbatches=4, n_layers=8)
     layers = {"w": jnp.arange(8)}
@@ -149,8 +176,6 @@ def test_light_ends_layer_assignment():
 @pytest.mark.parametrize("mesh,overrides,message", [
     (dict(pp=4), ["model.n_layers=6"], "n_layers=6 is not divisible into pp\\*pp_virtual_stages=4\\*1=4"),
     (dict(pp=2, pp_virtual_stages=2), ["model.n_layers=6"], "4 stages"),
-    (dict(pp=2, pp_virtual_stages=0), ["model.n_layers=8"], "pp_virtual_stages=0 must be at least 1"),
-    (dict(pp=2, pp_microbatches=0), ["model.n_layers=8"], "pp_microbatches=0 must be at least 1"),
     (dict(pp=4, pp_light_ends=True), ["model.n_layers=8"], "plus the 2 lighter ends \\(10\\)"),
     (dict(pp=4, pp_light_ends=True), ["model.n_layers=2"], "without layers"),
     (dict(pp=2, pp_microbatches=3), ["model.n_layers=8"], "does not divide into mesh.pp_microbatches=3"),
@@ -159,6 +184,7 @@ def test_light_ends_layer_assignment():
     (dict(pp=4, pp_virtual_stages=2, pp_microbatches=2), ["model.n_layers=8"], None),
 ])
 def test_pipeline_config_errors_are_clear(mesh, overrides, message):
+    """Through trainer.validate, which runs the pipeline's checks for pp > 1."""
     cfg = load_config("debug-tiny", overrides)
     mesh_cfg = MeshConfig(**mesh)
     n = int(np.prod([mesh.get(a, 1) for a in AXES]))
@@ -169,54 +195,67 @@ def test_pipeline_config_errors_are_clear(mesh, overrides, message):
         trainer.validate(cfg, mesh_cfg, n)
 
 
+@pytest.mark.parametrize("mesh,message", [
+    (dict(pp=2, pp_microbatches=0), "pp_microbatches=0 must be at least 1"),
+    (dict(pp=2, pp_virtual_stages=0), "pp_virtual_stages=0 must be at least 1"),
+    (dict(pp=2, pp_virtual_stages=-1), "pp_virtual_stages=-1 must be at least 1"),
+])
+def test_pipeline_counts_must_be_positive(mesh, message):
+    cfg = load_config("debug-tiny", ["model.n_layers=8"])
+    with pytest.raises(ConfigError, match=message):
+        pipeline.validate(cfg.model, MeshConfig(**mesh), {a: mesh.get(a, 1) for a in AXES})
+
+
 # ---------------------------------------------------------------- checkpoints, HLO, memory
 
 def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
     from llama3_jax import checkpointing
     cfg = load_config("debug-tiny", DEEP)
-    mesh_cfg = MeshConfig(pp=2, pp_microbatches=2)
-    _, params, state = pp_step(cfg, mesh_cfg, fixed_batch())
+    _, params, state, _ = cached_step(CASES[0][0])
     one = shd.make_mesh(devices=jax.devices()[:1])
     abstract = trainer.abstract_state(cfg, one)
     assert jax.tree.structure(state) == jax.tree.structure(abstract)
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
         assert got.shape == want.shape and got.dtype == want.dtype
+    assert state["params"]["wq"].shape[0] == 8  # [n_layers, ...], not [stages, ...]
     mngr = checkpointing.manager(tmp_path, async_save=False)
     checkpointing.save(mngr, 1, state, {}, cfg, force=True)
     mngr.wait_until_finished()
     step, restored, _ = checkpointing.restore_latest(checkpointing.manager(tmp_path, read_only=True), abstract)
     assert step == 1
     for name in params:
-        np.testing.assert_array_equal(jax.device_get(restored["params"][name]), params[name])
         assert restored["params"][name].sharding.device_set == {jax.devices()[0]}
-    # The restored state trains on, on one device.
-    step_fn = trainer.make_train_step(cfg, one)
-    batch = trainer.host_batch_to_global(fixed_batch(seed=1), one, 1)
-    _, metrics = step_fn(restored, batch)
-    assert np.isfinite(float(metrics["loss"]))
-
-
-def _lowered(cfg, mesh_cfg):
-    sizes = {a: getattr(mesh_cfg, a) for a in AXES}
-    n = int(np.prod(list(sizes.values())))
-    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-    abstract = trainer.abstract_state(cfg, mesh)
-    step = trainer.make_train_step(cfg, mesh, mesh_cfg)
-    b = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=trainer.batch_sharding(mesh))
-    bf = jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=trainer.batch_sharding(mesh))
-    return step.lower(abstract, dict(tokens=b, targets=b, segment_ids=b, positions=b, loss_mask=bf))
+        np.testing.assert_array_equal(jax.device_get(restored["params"][name]), params[name])
+    for got, want in zip(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(state["opt_state"])):
+        np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
 
 
 def test_stage_transfer_is_a_collective_permute():
-    cfg = load_config("debug-tiny", DEEP)
-    hlo = _lowered(cfg, MeshConfig(pp=2, tp=2, pp_microbatches=4)).compile().as_text()
+    hlo = cached_step(TP_FSDP)[3]
     permutes = [line for line in hlo.splitlines() if re.search(r"= \S+ collective-permute(-start)?\(", line)]
     assert permutes, "stage-to-stage transfer must be a collective-permute"
     # The transferred value is one micro-batch's activation: 2 rows x 64 positions x dim 64,
-    # sequence-parallel over tp=2 -> f32[2,32,64]; pp pairs are devices (0,2) and (1,3).
-    acts = [line for line in permutes if "f32[2,32,64]" in line]
+    # rows over fsdp=2 and positions over tp=2 (sequence parallel) -> f32[1,32,64] per device.
+    # Mesh (fsdp, pp, tp) = (2, 2, 2): pp partners are devices 0<->2, 1<->3, 4<->6, 5<->7.
+    acts = [line for line in permutes if "f32[1,32,64]" in line]
     assert acts, permutes
-    assert any("{0,2}" in line and "{1,3}" in line for line in acts)
+    assert any(all(pair in line for pair in ("{0,2}", "{1,3}", "{4,6}", "{5,7}")) for line in acts), acts
+
+
+def test_bfloat16_compute_compiles_and_matches():
+    """bfloat16 activations (the default compute dtype) through the pipeline with FSDP."""
+    cfg = load_config("debug-tiny", DEEP + ["model.compute_dtype=bfloat16"])
+    params = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    batch = {k: jnp.asarray(v) for k, v in fixed_batch().items()}
+    want_loss, want = jax.jit(jax.value_and_grad(trainer.loss_sum), static_argnums=2)(params, batch, cfg.model)
+    mesh = shd.make_mesh(fsdp=2, pp=2, devices=jax.devices()[:4])
+    grad_fn = pipeline.make_grad_fn(cfg, mesh, MeshConfig(fsdp=2, pp=2, pp_virtual_stages=2, pp_microbatches=2))
+    loss, grads = jax.jit(grad_fn)(params, batch)
+    assert float(loss) == pytest.approx(float(want_loss), rel=2e-3)
+    for name, g in grads.items():
+        assert g.dtype == want[name].dtype == jnp.float32
+        a, b = np.ravel(g), np.ravel(want[name])
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99, name
 
 
 @pytest.mark.parametrize("remat", ["full", "none"])
