@@ -169,3 +169,12 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="train.steps must be int"):
         load_config("debug-tiny", ["train.steps=ten"])
     assert json.dumps(load_config("llama3.1-8b").model.rope_scaling_factor) == "8.0"
+
+
+def test_paper_16_mesh_trains_like_one_device(uninterrupted, tmp_path):
+    """tp=2 cp=2 pp=2 dp=2 on 16 fake CPU devices that train.py requests itself."""
+    out = tmp_path / "paper16"
+    p = run(out, 5, "--mesh", "paper-16")
+    assert "on 16 cpu device(s)" in p.stdout
+    want = [v for _, v in losses(uninterrupted)[:5]]
+    np.testing.assert_allclose([v for _, v in losses(out)], want, rtol=1e-5)
