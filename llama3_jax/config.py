@@ -274,10 +274,6 @@ def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
-
-
 @dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes (one may be -1 = the remaining devices) and pipeline settings."""
