@@ -42,13 +42,14 @@ meaning of `jax.value_and_grad(trainer.loss_sum)`, computed as a pipeline:
   cp and tp stay automatic and follow the same `constrain` annotations as without a
   pipeline (the rules are applied on the shard_map's abstract mesh).
 
-Costs: the stored params and optimizer state stay replicated over `pp` (sharded over the
-other axes as usual), because the interleaved assignment is not a contiguous split of the
-[n_layers] axis: each rank holds all layers' weights and Adam moments, and the layer
-gradients are all-gathered over `pp` before the (redundant) optimizer update. The
-embedded micro-batches [M, mb, S, dim] are held by every rank in float32 and their
-cotangent is all-reduced over `pp`; the last rank's outputs are redistributed to the
-ranks for the head.
+Storage: the stored [n_layers, ...] parameters and their Adam moments are split over `pp`
+in contiguous blocks of layers (the "layers" rule), so each rank keeps 1/pp of the layer
+weights and optimizer state. With V = 1 a block is exactly the rank's stage; with V > 1
+(or light ends) XLA moves the weights to their stages inside the step and the gradients
+back, a per-step exchange of layer weights over `pp`, like FSDP's.
+Costs: the embedded micro-batches [M, mb, S, dim] are held by every rank in float32 and
+their cotangent is all-reduced over `pp`; the last rank's outputs are redistributed to
+the ranks for the head.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Each parallelism lives in RULES (and, for the pipeline, in `llama3_jax.pipeline`
 - sequence parallel (tp again): "seq_sp", the residual stream around the norms, is split
   over tp as well as cp, so the norms and residual adds are not replicated over tp.
 - context parallel (cp): "seq" over cp; "kv_seq" (keys and values) is gathered.
+- pipeline (pp): stored "layers" split over pp in blocks; "stage" is the pipeline's
+  stage dimension inside the step (see `llama3_jax.pipeline`).
 A dimension that a mesh axis does not divide (kv_heads < tp) is replicated over it, and a
 mesh axis is used at most once per array (activations' "embed" is not split over fsdp,
 which the batch already uses).
@@ -41,7 +43,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tp",)),
     ("vocab", ("tp",)),
-    ("layers", ()),
+    ("layers", ("pp",)),
     ("stage", ("pp",)),
 )
 

@@ -218,6 +218,11 @@ def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
         assert got.shape == want.shape and got.dtype == want.dtype
     assert state["params"]["wq"].shape[0] == 8  # [n_layers, ...], not [stages, ...]
+    # Each pp rank stores only its block of layers (weights and Adam moments).
+    wq, mu = state["params"]["wq"], state["opt_state"][1][0].mu["wq"]
+    assert "pp" in str(wq.sharding.spec[0])
+    assert wq.addressable_shards[0].data.shape[0] == 8 // CASES[0][0]["pp"]
+    assert mu.sharding.spec == wq.sharding.spec
     mngr = checkpointing.manager(tmp_path, async_save=False)
     checkpointing.save(mngr, 1, state, {}, cfg, force=True)
     mngr.wait_until_finished()
