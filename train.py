@@ -34,10 +34,8 @@ def main(argv=None):
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
     # Fake CPU devices must be requested before JAX starts; real accelerators ignore this.
-    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // (args.num_processes or 1))
-    else:
-        distributed.fake_cpu_devices(mesh_cfg.fixed_device_count())
+    processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // processes)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     import jax

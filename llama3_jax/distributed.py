@@ -28,16 +28,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if coordinator:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or num_processes and not _has_accelerator_env():
-            # CPU processes exchange collectives through gloo.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Collectives between CPU devices of different processes go through gloo (this
+        # only concerns the CPU backend; GPUs and TPUs use their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-
-
-def _has_accelerator_env() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("TPU_WORKER_HOSTNAMES"))
