@@ -8,6 +8,7 @@ Running the same command again with the same --out resumes from the latest check
 import argparse
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -54,7 +55,13 @@ def main(argv=None):
 
     # --- validate everything before compiling or touching the run directory
     sizes = trainer.validate(cfg, mesh_cfg, jax.device_count(), jax.process_count())
-    tok = Tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else default_tokenizer(cfg.data.default_vocab_size)
+    # The default BPE depends on this Python's stdlib, so a run keeps its own copy and
+    # resumes (or exports) with it on any machine.
+    kept = out / "tokenizer.model"
+    if cfg.data.tokenizer:
+        tok = Tokenizer(cfg.data.tokenizer)
+    else:
+        tok = Tokenizer(kept) if kept.exists() else default_tokenizer(cfg.data.default_vocab_size)
     if tok.n_words > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
                           f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
@@ -65,6 +72,8 @@ def main(argv=None):
         raise ConfigError(str(e)) from None
     mesh = sharding.make_mesh(**sizes)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.tokenizer and not kept.exists() and is_main:
+        shutil.copyfile(tok.path, kept)
 
     # --- state: resume from the latest checkpoint, else initialise (optionally from weights)
     mngr = checkpointing.manager(out, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)

@@ -1036,12 +1036,13 @@ def write_hf_tokenizer(tokenizer_model, out: pathlib.Path, model_max_length: int
     shutil.copyfile(tokenizer_model, out / "original" / "tokenizer.model")
 
 
-def run_tokenizer(config: Config, override=None, converted: dict | None = None) -> tuple:
+def run_tokenizer(config: Config, override=None, converted: dict | None = None, run_dir=None) -> tuple:
     """(tokenizer.model path or None, bos id, eos id) of a checkpoint: --tokenizer, else the
-    config's data.tokenizer, else for converted checkpoints none (ids from convert.json), else
-    the project's default tokenizer (what train.py used)."""
+    config's data.tokenizer, else the copy train.py keeps in the run directory, else for
+    converted checkpoints none (ids from convert.json), else the project's default tokenizer."""
     from llama3_jax.tokenizer import default_tokenizer
-    path = override or config.data.tokenizer
+    kept = pathlib.Path(run_dir) / "tokenizer.model" if run_dir is not None else None
+    path = override or config.data.tokenizer or (kept if kept is not None and kept.is_file() else None)
     if path:
         path = pathlib.Path(path)
         if not path.is_file():
@@ -1058,7 +1059,7 @@ def run_tokenizer(config: Config, override=None, converted: dict | None = None) 
 
 def cmd_to_hf(args):
     src = RunSource(args.src, step=args.step, read_block_bytes=parse_size(args.read_block_size))
-    tok, bos, eos = run_tokenizer(src.config, args.tokenizer, src.converted)
+    tok, bos, eos = run_tokenizer(src.config, args.tokenizer, src.converted, src.step_dir.parent.parent)
     write_hf(src, args.dst, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
              bos_id=bos, eos_id=eos, tokenizer=tok)
     return 0
@@ -1066,7 +1067,7 @@ def cmd_to_hf(args):
 
 def cmd_to_meta(args):
     src = RunSource(args.src, step=args.step, read_block_bytes=parse_size(args.read_block_size))
-    tok, _, _ = run_tokenizer(src.config, args.tokenizer, src.converted)
+    tok, _, _ = run_tokenizer(src.config, args.tokenizer, src.converted, src.step_dir.parent.parent)
     write_meta(src, args.dst, shards=args.shards, dtype=args.dtype, tokenizer=tok)
     return 0
 

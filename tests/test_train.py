@@ -64,6 +64,10 @@ def test_metrics_have_every_field(uninterrupted):
     assert any(p.name.startswith("events.out.tfevents") for p in uninterrupted.iterdir())
     assert (uninterrupted / "loss.png").stat().st_size > 1000
     assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
+    # The run keeps the tokenizer it trained with (the default BPE depends on the stdlib).
+    from llama3_jax.tokenizer import default_tokenizer
+    kept = (uninterrupted / "tokenizer.model").read_bytes()
+    assert kept == pathlib.Path(default_tokenizer().path).read_bytes()
 
 
 def test_sigkill_then_resume_is_exact(uninterrupted, tmp_path):
