@@ -186,7 +186,7 @@ def _build(cls, values: dict, where: str):
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
-def resolve_preset(name_or_path: str, directory: pathlib.Path = CONFIG_DIR) -> pathlib.Path:
+def resolve_preset(name_or_path: str, directory: pathlib.Path = CONFIG_DIR, kind: str = "config") -> pathlib.Path:
     p = pathlib.Path(name_or_path)
     if p.suffix == ".toml" and p.exists():
         return p
@@ -194,7 +194,7 @@ def resolve_preset(name_or_path: str, directory: pathlib.Path = CONFIG_DIR) -> p
     if cand.exists():
         return cand
     known = sorted(x.stem for x in directory.glob("*.toml"))
-    raise ConfigError(f"config {name_or_path!r} not found: give a .toml path or one of {', '.join(known)}")
+    raise ConfigError(f"{kind} {name_or_path!r} not found: give a .toml path or one of {', '.join(known)}")
 
 
 def _read_toml(path: pathlib.Path, seen=()) -> dict:
@@ -304,7 +304,7 @@ def load_mesh(name_or_path: str | None = None) -> MeshConfig:
     """A mesh file from `meshes/` (by name or path); None = one device."""
     if not name_or_path:
         return MeshConfig()
-    path = resolve_preset(name_or_path, MESH_DIR)
+    path = resolve_preset(name_or_path, MESH_DIR, kind="mesh")
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)
