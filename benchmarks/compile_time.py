@@ -16,7 +16,6 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
-    import jax.numpy as jnp
 
     from llama3_jax import sharding as shd
     from llama3_jax import trainer
@@ -28,9 +27,7 @@ def main():
         mesh = shd.make_mesh(devices=jax.devices()[:1])
         step = trainer.make_train_step(cfg, mesh)
         B, S = cfg.train.global_batch, cfg.data.seq_len
-        bsh = trainer.batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bsh)
-                 for k in trainer.BATCH_KEYS}
+        batch = trainer.abstract_batch(mesh, B, S)
         t0 = time.perf_counter()
         compiled = step.lower(trainer.abstract_state(cfg, mesh), batch).compile()
         seconds = time.perf_counter() - t0

@@ -60,12 +60,8 @@ def main() -> None:
                 (2, 1, 1), (2, 1, 2), (2, 1, 4), (2, 1, 8), (2, 2, 2), (2, 2, 4), (2, 2, 8),
                 (4, 1, 1), (4, 1, 4), (4, 1, 8), (4, 2, 4), (4, 2, 8)]
 
-    rng = np.random.default_rng(0)
-    B, S, V = args.batch, args.seq, cfg.model.vocab_size
-    tok = rng.integers(0, V, (B, S + 1)).astype(np.int32)
-    host = dict(tokens=tok[:, :-1], targets=tok[:, 1:], segment_ids=np.ones((B, S), np.int32),
-                positions=np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
-                loss_mask=np.ones((B, S), np.float32))
+    B, S = args.batch, args.seq
+    host = trainer.synthetic_batch(B, S, cfg.model.vocab_size)
 
     print(f"# {jax.devices()[0].platform} x{len(jax.devices())} fake devices on {os.cpu_count()} host cores; "
           f"model: {args.layers} layers, dim {args.dim}, seq {S}, batch {B}, float32, remat none")

@@ -37,7 +37,6 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from llama3_jax import sharding as shd
@@ -62,9 +61,7 @@ def main():
         mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
         abstract = trainer.abstract_state(cfg, mesh)
         step = trainer.make_train_step(cfg, mesh, mesh_cfg)
-        bsh = trainer.batch_sharding(mesh)
-        sds = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bsh)
-               for k in trainer.BATCH_KEYS}
+        sds = trainer.abstract_batch(mesh, B, S)
         t0 = time.perf_counter()
         compiled = step.lower(abstract, sds).compile()
         compile_s = time.perf_counter() - t0
@@ -74,11 +71,7 @@ def main():
         step_s = tps = tflops = mfu = float("nan")
         if not args.abstract:
             state = trainer.init_state(cfg, mesh)
-            rng = np.random.default_rng(0)
-            tok = rng.integers(0, cfg.model.vocab_size, (B, S + 1)).astype(np.int32)
-            batch = dict(tokens=tok[:, :-1], targets=tok[:, 1:], segment_ids=np.ones((B, S), np.int32),
-                         positions=np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
-                         loss_mask=np.ones((B, S), np.float32))
+            batch = trainer.synthetic_batch(B, S, cfg.model.vocab_size)
             gb = trainer.host_batch_to_global(batch, mesh, sizes.get("cp", 1))
             times = []
             for _ in range(args.steps + 1):

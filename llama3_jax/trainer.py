@@ -241,6 +241,21 @@ def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
+def abstract_batch(mesh, batch: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a global batch on `mesh` (for ahead-of-time compiles)."""
+    sh = batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
+            for k in BATCH_KEYS}
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Random tokens, one document per row (for benchmarks)."""
+    tok = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    return dict(tokens=tok[:, :-1], targets=tok[:, 1:], segment_ids=np.ones((batch, seq_len), np.int32),
+                positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+                loss_mask=np.ones((batch, seq_len), np.float32))
+
+
 def host_batch_to_global(batch: dict, mesh, cp: int):
     """Place this process's rows onto the mesh, reordering sequences for context parallelism."""
     if cp > 1:

@@ -138,14 +138,19 @@ def test_program_size_does_not_grow_with_depth():
     assert abs(deep - small) <= 0.02 * small, (small, deep)
 
 
+def attention_inputs(first_doc, second_doc, seed):
+    """GQA q/k/v (8 query heads, 2 kv heads) for two packed documents, with their ids."""
+    rng = np.random.default_rng(seed)
+    s = first_doc + second_doc
+    q, k, v = (jnp.asarray(rng.standard_normal((2, s, h, 16)), jnp.float32) for h in (8, 2, 2))
+    seg = jnp.asarray(np.r_[np.ones(first_doc), 2 * np.ones(second_doc)][None].repeat(2, 0), jnp.int32)
+    pos = jnp.asarray(np.r_[np.arange(first_doc), np.arange(second_doc)][None].repeat(2, 0), jnp.int32)
+    return q, k, v, seg, pos
+
+
 def test_attention_implementations_agree():
     from llama3_jax.attention import attention
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((2, 24, 8, 16)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 24, 2, 16)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 24, 2, 16)), jnp.float32)
-    seg = jnp.asarray(np.r_[np.ones(10), 2 * np.ones(14)][None].repeat(2, 0), jnp.int32)
-    pos = jnp.asarray(np.r_[np.arange(10), np.arange(14)][None].repeat(2, 0), jnp.int32)
+    q, k, v, seg, pos = attention_inputs(10, 14, seed=0)
     ref = attention(q, k, v, seg, seg, pos, pos, impl="xla")
     out = attention(q, k, v, seg, seg, pos, pos, impl="jax_nn")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
@@ -155,12 +160,7 @@ def test_attention_implementations_agree():
 
 def test_chunked_attention_equals_reference_values_and_gradients():
     from llama3_jax.attention import chunked_attention, xla_attention
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((2, 64, 8, 16)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
-    seg = jnp.asarray(np.r_[np.ones(40), 2 * np.ones(24)][None].repeat(2, 0), jnp.int32)
-    pos = jnp.asarray(np.r_[np.arange(40), np.arange(24)][None].repeat(2, 0), jnp.int32)
+    q, k, v, seg, pos = attention_inputs(40, 24, seed=1)
 
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, seg, seg, pos, pos)))

@@ -1,7 +1,6 @@
 """Sharded training steps against the one-device step, on 8 fake CPU devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -139,10 +138,7 @@ def compiled_text(cfg, sizes):
     mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
     abstract = trainer.abstract_state(cfg, mesh)
     step = trainer.make_train_step(cfg, mesh, MeshConfig(**sizes))
-    b = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=trainer.batch_sharding(mesh))
-    bf = jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=trainer.batch_sharding(mesh))
-    batch = dict(tokens=b, targets=b, segment_ids=b, positions=b, loss_mask=bf)
-    return step.lower(abstract, batch).compile().as_text()
+    return step.lower(abstract, trainer.abstract_batch(mesh, 8, 64)).compile().as_text()
 
 
 def test_context_parallel_gathers_kv_not_logits():
