@@ -17,19 +17,14 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
-    from llama3_jax import sharding as shd
-    from llama3_jax import trainer
     from llama3_jax.config import load_config
+    from llama3_jax.train.step import Trainer
 
     print(f"{'layers':>7}{'compile s':>11}{'HLO ops':>9}")
     for n in args.layers:
-        cfg = load_config(args.config, [f"model.n_layers={n}"])
-        mesh = shd.make_mesh(devices=jax.devices()[:1])
-        step = trainer.make_train_step(cfg, mesh)
-        B, S = cfg.train.global_batch, cfg.data.seq_len
-        batch = trainer.abstract_batch(mesh, B, S)
+        trainer = Trainer(load_config(args.config, [f"model.n_layers={n}"]), devices=jax.devices()[:1])
         t0 = time.perf_counter()
-        compiled = step.lower(trainer.abstract_state(cfg, mesh), batch).compile()
+        compiled = trainer.lower(trainer.abstract_state(), trainer.abstract_batch()).compile()
         seconds = time.perf_counter() - t0
         ops = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
         print(f"{n:>7}{seconds:>11.2f}{ops:>9}")

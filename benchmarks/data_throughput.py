@@ -2,7 +2,7 @@
 
     python benchmarks/data_throughput.py --seq-len 2048 --batch 8 --batches 50
 
-Uses `llama3_jax.tokenizer.default_tokenizer()` when it can be imported, else a byte-level
+Uses `llama3_jax.formats.bpe.default_tokenizer()` when it can be imported, else a byte-level
 stand-in (say which with --tokenizer). Each configuration builds a fresh iterator, takes
 one warm-up batch (worker start-up, first reads), then times --batches batches.
 """
@@ -34,7 +34,7 @@ class ByteTokenizer:
 def load_tokenizer(which: str):
     if which in ("auto", "default"):
         try:
-            from llama3_jax.tokenizer import default_tokenizer
+            from llama3_jax.formats.bpe import default_tokenizer
             t0 = time.perf_counter()
             tok = default_tokenizer()
             return tok, f"llama3_jax default_tokenizer ({time.perf_counter() - t0:.1f}s to load)"

@@ -3,13 +3,13 @@
     python benchmarks/pipeline_bubble.py [--devices 4] [--steps 3] [--quick]
 
 For pp in {1, 2, 4} and several micro-batch counts M and virtual stages V it compiles one
-training step (llama3_jax.trainer with llama3_jax.pipeline), reports the compiled
+training step (llama3_jax.train.step with llama3_jax.train.pipeline), reports the compiled
 per-device memory (`compiled.memory_analysis()`) and times a few steps.
 
 On fake CPU devices all "devices" share the host's cores, so the measured time is the
 total work of all ranks, not the critical path of a real pipeline. Every rank runs every
 iteration of the schedule (idle iterations compute on stale data, see
-llama3_jax.pipeline), so the total work is proportional to (V*M + pp - 1) / (V*M) =
+llama3_jax.train.pipeline), so the total work is proportional to (V*M + pp - 1) / (V*M) =
 1 + bubble: the measured time relative to pp=1 tracks the bubble (plus the extra
 collectives), which is what a real pipeline loses to idle time. `ms/(1+idle)` divides
 that out; it stays flat where the schedule model explains the time. Timings on a shared
@@ -44,9 +44,9 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from llama3_jax import pipeline, trainer
-    from llama3_jax import sharding as shd
     from llama3_jax.config import MeshConfig, load_config
+    from llama3_jax.train import pipeline
+    from llama3_jax.train.step import Trainer, synthetic_batch
 
     cfg = load_config("debug-tiny", [
         f"model.n_layers={args.layers}", f"model.dim={args.dim}", "model.n_heads=8", "model.n_kv_heads=4",
@@ -61,7 +61,7 @@ def main() -> None:
                 (4, 1, 1), (4, 1, 4), (4, 1, 8), (4, 2, 4), (4, 2, 8)]
 
     B, S = args.batch, args.seq
-    host = trainer.synthetic_batch(B, S, cfg.model.vocab_size)
+    host = synthetic_batch(B, S, cfg.model.vocab_size)
 
     print(f"# {jax.devices()[0].platform} x{len(jax.devices())} fake devices on {os.cpu_count()} host cores; "
           f"model: {args.layers} layers, dim {args.dim}, seq {S}, batch {B}, float32, remat none")
@@ -72,13 +72,11 @@ def main() -> None:
     base_ms = None
     for pp, v, m in grid:
         mesh_cfg = MeshConfig(pp=pp, pp_microbatches=m, pp_virtual_stages=v)
-        mesh = shd.make_mesh(pp=pp, devices=jax.devices()[:pp])
-        trainer.validate(cfg, mesh_cfg, pp)
-        state = trainer.init_state(cfg, mesh)
-        step = trainer.make_train_step(cfg, mesh, mesh_cfg)
-        batch = trainer.host_batch_to_global(host, mesh, 1)
+        trainer = Trainer(cfg, mesh_cfg, devices=jax.devices()[:pp])
+        state = trainer.init_state()
+        batch = trainer.put(host)
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = trainer.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         state, metrics = compiled(state, batch)  # warm-up

@@ -39,14 +39,15 @@ def main():
     import jax
     import numpy as np
 
-    from llama3_jax import sharding as shd
-    from llama3_jax import trainer
-    from llama3_jax.config import MeshConfig, flops_per_token, load_config
+    from llama3_jax.config import MeshConfig, load_config
+    from llama3_jax.model import flops_per_token
+    from llama3_jax.train.metrics import peak_flops
+    from llama3_jax.train.step import Trainer, synthetic_batch
 
     cfg = load_config(args.config, args.overrides)
     B, S = cfg.train.global_batch, cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, S)
-    peak = trainer.peak_flops(jax.devices()[0], cfg.train.peak_flops_per_device)
+    peak = peak_flops(jax.devices()[0], cfg.train.peak_flops_per_device)
     print(f"{args.config}: batch {B} x seq {S}, {jax.devices()[0].device_kind} "
           f"(peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s per device)")
     head = (f"{'mesh':<22}{'devices':>8}{'compile s':>11}{'step s':>9}{'tokens/s':>11}"
@@ -55,28 +56,22 @@ def main():
     print("-" * len(head))
     for text in args.meshes:
         sizes = parse_mesh(text)
-        mesh_cfg = MeshConfig(**sizes)
         n = int(np.prod(list(sizes.values()))) if sizes else 1
-        trainer.validate(cfg, mesh_cfg, n)
-        mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-        abstract = trainer.abstract_state(cfg, mesh)
-        step = trainer.make_train_step(cfg, mesh, mesh_cfg)
-        sds = trainer.abstract_batch(mesh, B, S)
+        trainer = Trainer(cfg, MeshConfig(**sizes), devices=jax.devices()[:n])
         t0 = time.perf_counter()
-        compiled = step.lower(abstract, sds).compile()
+        compiled = trainer.lower(trainer.abstract_state(), trainer.abstract_batch()).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         args_gib = mem.argument_size_in_bytes / 2**30 if mem else float("nan")
         temp_gib = mem.temp_size_in_bytes / 2**30 if mem else float("nan")
         step_s = tps = tflops = mfu = float("nan")
         if not args.abstract:
-            state = trainer.init_state(cfg, mesh)
-            batch = trainer.synthetic_batch(B, S, cfg.model.vocab_size)
-            gb = trainer.host_batch_to_global(batch, mesh, sizes.get("cp", 1))
+            state = trainer.init_state()
+            gb = trainer.put(synthetic_batch(B, S, cfg.model.vocab_size))
             times = []
             for _ in range(args.steps + 1):
                 t0 = time.perf_counter()
-                state, m = step(state, gb)
+                state, m = compiled(state, gb)
                 jax.block_until_ready(m)
                 times.append(time.perf_counter() - t0)
             step_s = statistics.median(times[1:])

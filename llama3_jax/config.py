@@ -1,9 +1,17 @@
-"""Typed configs loaded from TOML, with `section.key=value` overrides.
+"""Typed configs loaded from TOML, with `section.key=value` overrides, and `validate`.
 
-A run config has three sections: [model], [data] and [train]. Presets live in
-`configs/` (by name, e.g. "llama3-8b", or by path). A preset may name a base preset
-with a top-level `base = "name"`; its sections are merged key by key. Unknown keys are
+A run config has three sections: [model], [data] and [train]; a mesh file has [mesh].
+Presets are the top-level `configs/` and `meshes/` folders of a checkout, which a wheel
+carries inside the package (`llama3_jax/configs`, `llama3_jax/meshes`). A config may start
+from another with a top-level `base = "name"` (a preset) or `base = "file.toml"` (a path
+relative to the config's own folder); sections are merged key by key. Unknown keys are
 errors that list the valid ones.
+
+`validate` is the one check of a config against a mesh, a device count and a process
+count; it runs before anything is compiled or written and raises `ConfigError` with a
+one-line message that names the fix.
+
+Imports: the standard library only (this is the bottom of the package).
 """
 
 from __future__ import annotations
@@ -15,11 +23,32 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+
+
+def preset_dir(kind: str) -> pathlib.Path:
+    """The folder of presets of `kind` ("configs" or "meshes"): inside an installed wheel,
+    else the checkout's top-level folder (a checkout, or an editable install)."""
+    for cand in (_PACKAGE / kind, _PACKAGE.parent / kind):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"no {kind}/ folder next to {_PACKAGE}; reinstall llama3_jax")
+
 
 
 class ConfigError(ValueError):
-    """Bad user input in a config, mesh file or command line."""
+    """Bad user input in a config, mesh file, command line or data source."""
+
+
+# The dtypes a config may name (parameters, compute, exports).
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "xla_chunked", "jax_nn")
+
+
+def dtype_of(name: str):
+    """The numpy dtype of a DTYPES name (bfloat16 from ml_dtypes, as JAX uses)."""
+    import jax.numpy as jnp
+    return jnp.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # xla | xla_chunked | jax_nn (see model/attention.py)
     # "none" keeps activations; "full" recomputes each block in the backward pass.
     remat: str = "full"
     init_std: float = 0.02
@@ -73,9 +102,12 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in ("none", "full"):
             raise ConfigError(f"model.remat must be 'none' or 'full', got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r} unknown; choose one of "
+                              f"{', '.join(ATTENTION_IMPLS)}")
         for k in ("param_dtype", "compute_dtype"):
-            if getattr(self, k) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"model.{k} must be float32, bfloat16 or float16")
+            if getattr(self, k) not in DTYPES:
+                raise ConfigError(f"model.{k} must be one of {', '.join(DTYPES)}, got {getattr(self, k)!r}")
 
 
 @dataclass(frozen=True)
@@ -186,30 +218,41 @@ def _build(cls, values: dict, where: str):
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
-def resolve_preset(name_or_path: str, directory: pathlib.Path = CONFIG_DIR, kind: str = "config") -> pathlib.Path:
-    p = pathlib.Path(name_or_path)
-    if p.suffix == ".toml" and p.exists():
-        return p
+def resolve_preset(name_or_path: str, kind: str = "configs", relative_to: pathlib.Path | None = None
+                   ) -> pathlib.Path:
+    """A .toml path (relative to `relative_to` if given, else the working directory), else
+    the preset of that name in the `kind` folder."""
+    p = pathlib.Path(name_or_path).expanduser()
+    if p.suffix == ".toml":
+        p = (relative_to / p) if relative_to is not None and not p.is_absolute() else p
+        if p.is_file():
+            return p
+    directory = preset_dir(kind)
     cand = directory / f"{name_or_path}.toml"
-    if cand.exists():
+    if cand.is_file():
         return cand
     known = sorted(x.stem for x in directory.glob("*.toml"))
-    raise ConfigError(f"{kind} {name_or_path!r} not found: give a .toml path or one of {', '.join(known)}")
+    what = {"configs": "config", "meshes": "mesh"}[kind]
+    raise ConfigError(f"{what} {name_or_path!r} not found: give a .toml path or one of {', '.join(known)}")
 
 
-def _read_toml(path: pathlib.Path, seen=()) -> dict:
+def _read_toml(path: pathlib.Path) -> dict:
     with open(path, "rb") as f:
         try:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _read_config(path: pathlib.Path, seen=()) -> dict:
+    raw = _read_toml(path)
     base = raw.pop("base", None)
     merged: dict = {}
     if base is not None:
-        bpath = resolve_preset(base, path.parent)
-        if bpath in seen:
+        bpath = resolve_preset(str(base), relative_to=path.parent).resolve()
+        if bpath in seen or bpath == path.resolve():
             raise ConfigError(f"{path}: circular base {base!r}")
-        merged = _read_toml(bpath, seen + (path,))
+        merged = _read_config(bpath, seen + (path.resolve(),))
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
@@ -229,7 +272,7 @@ def parse_override(text: str) -> tuple[str, str, str]:
 
 def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a preset (or the defaults) and apply `section.key=value` overrides."""
-    raw = _read_toml(resolve_preset(name_or_path)) if name_or_path else {}
+    raw = _read_config(resolve_preset(name_or_path)) if name_or_path else {}
     for text in overrides:
         section, name, value = parse_override(text)
         raw.setdefault(section, {})[name] = value
@@ -246,32 +289,8 @@ def from_dict(d: dict) -> Config:
     return Config(**{s: _build(cls, d.get(s, {}), s) for s, cls in SECTIONS.items()})
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Parameter count from the config's shapes (no allocation)."""
-    d, hd, L = cfg.dim, cfg.head_dim, cfg.n_layers
-    attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    ffn = 3 * d * cfg.ffn_dim
-    per_layer = attn + ffn + 2 * d
-    emb = cfg.vocab_size * d
-    return L * per_layer + emb * (1 if cfg.tie_embeddings else 2) + d
 
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters) plus causal attention.
-
-    The embedding lookup is no matmul, so it is left out of N (the output head is in).
-    Attention: QK^T and AV are 2 matmuls of 2*seq*head_dim*heads FLOPs per token forward;
-    causal masking halves the useful work; x3 for forward+backward.
-    """
-    n_matmul = param_count(cfg) - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
-    n_matmul -= (2 * cfg.n_layers + 1) * cfg.dim  # norms
-    attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 3 * 2 * 2 * s * h * hd / 2
-    return 6.0 * n_matmul + attn
-
-
-def dtype_of(name: str):
-    import jax.numpy as jnp
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+MESH_AXES = ("dp", "fsdp", "pp", "cp", "tp")  # outermost first: TP innermost, as in the paper
 
 
 @dataclass(frozen=True)
@@ -289,28 +308,145 @@ class MeshConfig:
     pp_light_ends: bool = False
 
     def sizes(self) -> dict:
-        return dict(dp=self.dp, fsdp=self.fsdp, pp=self.pp, cp=self.cp, tp=self.tp)
+        return {a: getattr(self, a) for a in MESH_AXES}
 
     def fixed_device_count(self) -> int | None:
         """Devices this mesh needs, or None when an axis is -1."""
         sizes = self.sizes().values()
         return None if -1 in sizes else math.prod(sizes)
 
-
-MESH_DIR = CONFIG_DIR.parent / "meshes"
+    def resolve(self, n_devices: int) -> dict:
+        """{axis: size} over `n_devices`, the -1 axis (if any) taking the remaining devices."""
+        sizes = self.sizes()
+        wild = [a for a, s in sizes.items() if s == -1]
+        if len(wild) > 1:
+            raise ConfigError(f"only one mesh axis may be -1, got {', '.join(wild)}")
+        for a, s in sizes.items():
+            if s == 0 or s < -1:
+                raise ConfigError(f"mesh.{a}={s} must be a positive size (or -1 for the rest)")
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if wild:
+            if n_devices % fixed:
+                raise ConfigError(f"the mesh's fixed axes multiply to {fixed}, which does not divide the "
+                                  f"{n_devices} devices; change the mesh file's sizes")
+            return {**sizes, wild[0]: n_devices // fixed}
+        if fixed != n_devices:
+            raise ConfigError(
+                f"mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
+                f"{n_devices} are available; change the mesh file (or set one axis to -1)")
+        return sizes
 
 
 def load_mesh(name_or_path: str | None = None) -> MeshConfig:
     """A mesh file from `meshes/` (by name or path); None = one device."""
     if not name_or_path:
         return MeshConfig()
-    path = resolve_preset(name_or_path, MESH_DIR, kind="mesh")
-    with open(path, "rb") as f:
-        try:
-            raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    path = resolve_preset(name_or_path, kind="meshes")
+    raw = _read_toml(path)
     unknown = sorted(set(raw) - {"mesh"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; a mesh file has only [mesh]")
     return _build(MeshConfig, raw.get("mesh", {}), "mesh")
+
+
+# ---------------------------------------------------------------- validation
+
+SOURCE_KINDS = ("auto", "text", "jsonl", "parquet")
+
+
+def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: int = 1) -> dict:
+    """Every check of a run's settings that needs no data read and no compile: the model,
+    the mesh against the devices, heads, sequence and batch divisibility, the pipeline, the
+    processes and the data sources. Returns the mesh's {axis: size}."""
+    m, t = cfg.model, cfg.train
+    m.validate()
+    sizes = mesh_cfg.resolve(n_devices)
+    tp, cp, pp = sizes["tp"], sizes["cp"], sizes["pp"]
+    if m.n_heads % tp:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh tp={tp}; choose tp dividing it")
+    if m.n_kv_heads % tp and tp % m.n_kv_heads:
+        raise ConfigError(f"mesh tp={tp} must divide model.n_kv_heads={m.n_kv_heads} or be a multiple of it "
+                          "(KV heads are then replicated)")
+    seq = cfg.data.seq_len
+    if seq > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len}")
+    if seq % (2 * cp) and cp > 1:
+        raise ConfigError(f"data.seq_len={seq} must be divisible by 2*cp={2 * cp} for context parallelism")
+    if seq % (cp * tp):
+        raise ConfigError(f"data.seq_len={seq} must be divisible by cp*tp={cp * tp} (sequence parallelism)")
+    if pp > 1:  # pipeline settings first: the batch checks below divide by them
+        _check_pipeline(m, mesh_cfg, pp)
+    if t.global_batch < 1 or t.micro_batches < 1:
+        raise ConfigError("train.global_batch and train.micro_batches must be positive")
+    if t.global_batch % t.micro_batches:
+        raise ConfigError(f"train.global_batch={t.global_batch} does not divide into "
+                          f"train.micro_batches={t.micro_batches}")
+    per_micro = t.global_batch // t.micro_batches
+    if pp > 1:
+        if per_micro % mesh_cfg.pp_microbatches:
+            raise ConfigError(f"the batch of {per_micro} rows does not divide into "
+                              f"mesh.pp_microbatches={mesh_cfg.pp_microbatches}")
+        per_micro //= mesh_cfg.pp_microbatches
+    data_ways = sizes["dp"] * sizes["fsdp"]
+    if per_micro % data_ways:
+        raise ConfigError(f"a micro-batch of {per_micro} rows does not divide over dp*fsdp={data_ways} devices; "
+                          "change train.global_batch, train.micro_batches or the mesh")
+    check_data(cfg.data, t.global_batch, process_count)
+    return sizes
+
+
+def _check_pipeline(m: ModelConfig, mesh_cfg: MeshConfig, pp: int) -> None:
+    M, V, L = mesh_cfg.pp_microbatches, mesh_cfg.pp_virtual_stages, m.n_layers
+    if M < 1:
+        raise ConfigError(f"mesh.pp_microbatches={M} must be at least 1")
+    if V < 1:
+        raise ConfigError(f"mesh.pp_virtual_stages={V} must be at least 1")
+    n = pp * V
+    if mesh_cfg.pp_light_ends:
+        if n < 2:
+            raise ConfigError("mesh.pp_light_ends needs at least two stages (pp * pp_virtual_stages >= 2)")
+        if (L + 2) % n:
+            raise ConfigError(
+                f"mesh.pp_light_ends: model.n_layers={L} plus the 2 lighter ends ({L + 2}) is not divisible "
+                f"into pp*pp_virtual_stages={pp}*{V}={n} stages; choose n_layers = k*{n} - 2 or drop light ends")
+        if (L + 2) // n < 2:
+            raise ConfigError(
+                f"mesh.pp_light_ends with model.n_layers={L} over {n} stages would leave the first and last "
+                "stage without layers; use fewer stages")
+    elif L % n:
+        raise ConfigError(f"model.n_layers={L} is not divisible into pp*pp_virtual_stages={pp}*{V}={n} stages")
+
+
+def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> None:
+    """The data settings against the batch and the processes, and each source's entry
+    (weight, kind, path). What the files hold is checked when they are read."""
+    if data.seq_len <= 0:
+        raise ConfigError(f"data.seq_len must be positive, got {data.seq_len}")
+    if process_count <= 0:
+        raise ConfigError(f"the process count must be positive, got {process_count}")
+    if global_batch <= 0:
+        raise ConfigError(f"train.global_batch must be positive, got {global_batch}")
+    if global_batch % process_count:
+        raise ConfigError(f"train.global_batch={global_batch} is not divisible by the number of processes "
+                          f"({process_count}); pick a global batch that is a multiple of {process_count}")
+    shards = data.shards or process_count
+    if data.shards < 0 or shards % process_count or global_batch % shards:
+        raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} process(es) and "
+                          f"divide train.global_batch={global_batch}")
+    for source in data.sources:
+        check_source(source)
+
+
+def check_source(s: DataSource) -> None:
+    """One [[data.sources]] entry: a positive weight, a known kind, a path that exists."""
+    w = s.weight
+    if not math.isfinite(w) or w <= 0:
+        raise ConfigError(f"data source {s.path!r}: weight must be a positive number, got {w!r}; drop the "
+                          "source instead of giving it weight 0")
+    if s.kind.lower() not in SOURCE_KINDS:
+        raise ConfigError(f"data source {s.path!r}: unknown kind {s.kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    path = pathlib.Path(s.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source path {str(path)!r} does not exist; fix `path` of this entry in [data] sources "
+            "(or leave `sources` empty to train on the default corpus)")

@@ -1,4 +1,4 @@
-"""`python -m llama3_jax.convert`: train.py runs <-> Hugging Face <-> Meta.
+"""`llama3-convert` (`python -m llama3_jax.convert`): train.py runs <-> Hugging Face <-> Meta.
 
 Oracles: transformers' LlamaForCausalLM, and a small PyTorch version of Meta's reference forward
 written here (complex-number rotary on adjacent pairs, llama3 frequency scaling, run model-parallel
@@ -21,9 +21,11 @@ import transformers
 from safetensors import safe_open
 
 import llama3_jax
-from llama3_jax import checkpointing, convert
+from llama3_jax import Tokenizer
 from llama3_jax.config import ModelConfig
-from llama3_jax.tokenizer import Tokenizer
+from llama3_jax.formats import bpe, convert, hf, run
+from llama3_jax.formats import meta as meta_format
+from llama3_jax.formats.tokenizer import write_tiktoken_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -34,6 +36,12 @@ TOKENS = np.random.default_rng(0).integers(0, 2048, (2, 80)).astype(np.int32)  #
 
 def run_convert(*argv) -> int:
     return convert.main([str(a) for a in argv])
+
+
+def checkpoint_params(path):
+    """(model config, {name: numpy array}) of a run or converted checkpoint."""
+    src = run.RunSource(path)
+    return src.model, {k: src.whole(k) for k in src.dtypes}
 
 
 def env():
@@ -236,7 +244,7 @@ def runs(work, from_hf):
 # ------------------------------------------------------------------------------- CLI
 
 def test_help_for_every_command(capsys):
-    for cmd in ["to-hf", "to-meta", "from-hf", "from-meta", "random-hf"]:
+    for cmd in ["to-hf", "to-meta", "from-hf", "from-meta"]:
         with pytest.raises(SystemExit) as e:
             run_convert(cmd, "--help")
         assert e.value.code == 0
@@ -275,9 +283,10 @@ def test_to_hf_logits_match_llama3_jax_load(runs, work, kind):
     np.testing.assert_allclose(hf_logits(out), ours, atol=1e-4, rtol=0)
     # The run's tokenizer (the project's BPE here) comes along and agrees with ours.
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    mine, bos, eos = convert.run_tokenizer(checkpointing.read_config(runs[kind])[0])
+    mine = run.run_tokenizer(run.read_config(runs[kind])[0], runs[kind])
+    bos, eos = mine.bos_id, mine.eos_id
     text = "def f(x):\n    return x ** 2  # square\n"
-    assert tok(text).input_ids == Tokenizer(mine).encode(text, bos=True)
+    assert tok(text).input_ids == mine.encode(text, bos=True)
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], cfg["bos_token_id"]) == (bos, eos, bos)
 
@@ -287,7 +296,7 @@ def test_to_hf_step_and_dtype(runs, work):
     assert run_convert("to-hf", runs["tied"], out, "--step", "1") == 0
     header = safetensors_dir(out)
     assert all(t.dtype == torch.bfloat16 for t in header.values())
-    _, step1 = checkpointing.load_params(runs["tied"] / "checkpoints" / "1")
+    _, step1 = checkpoint_params(runs["tied"] / "checkpoints" / "1")
     got = header["model.layers.1.mlp.down_proj.weight"]
     want = torch.from_numpy(np.asarray(step1["w2"][1]).T.copy()).to(torch.bfloat16)
     assert torch.equal(got, want)
@@ -297,14 +306,14 @@ def test_export_reads_layer_blocks_not_whole_parameters(runs, from_hf):
     """train.py's checkpoint (chunked by device shard, so a chunk spans all layers) is read in
     blocks capped by --read-block-size; converted checkpoints (one chunk per layer) layer by
     layer. Either way the blocks are the stored parameter."""
-    default = convert.RunSource(runs["untied"])
-    capped = convert.RunSource(runs["untied"], read_block_bytes=1)
+    default = run.RunSource(runs["untied"])
+    capped = run.RunSource(runs["untied"], read_block_bytes=1)
     for name in ("wq", "w2", "ffn_norm"):
         assert [b.shape[0] for _, b in default.blocks(name)] == [2]
         assert [b.shape[0] for _, b in capped.blocks(name)] == [1, 1]
         np.testing.assert_array_equal(np.concatenate([b for _, b in capped.blocks(name)]),
                                       next(default.blocks(name))[1])
-    assert [b.shape[0] for _, b in convert.RunSource(from_hf).blocks("w1")] == [1, 1]
+    assert [b.shape[0] for _, b in run.RunSource(from_hf).blocks("w1")] == [1, 1]
 
 
 # ------------------------------------------------------------------------------- to-meta
@@ -314,7 +323,7 @@ def test_to_meta_logits_match_meta_reference(runs, work, kind, shards):
     out = work / f"to_meta_{kind}_{shards}"
     assert run_convert("to-meta", runs[kind], out, "--shards", shards, "--dtype", "float32") == 0
     params = json.loads((out / "params.json").read_text())
-    cfg = checkpointing.read_config(runs[kind])[0].model
+    cfg = run.read_config(runs[kind])[0].model
     assert len(pth_dir(out)) == shards
     # 4 shards > 2 kv heads: each kv head is repeated on 2 shards (as Meta's 405B MP16).
     assert params["n_kv_heads"] == max(shards, cfg.n_kv_heads)
@@ -329,8 +338,8 @@ def test_to_meta_then_from_meta_multi_shard(runs, work):
         assert run_convert("to-meta", runs["untied"], meta, "--shards", 2, "--dtype", "float32") == 0
     back = work / "back_from_meta2"
     assert run_convert("from-meta", meta, back) == 0
-    _, want = checkpointing.load_params(runs["untied"])
-    cfg, got = checkpointing.load_params(back)
+    _, want = checkpoint_params(runs["untied"])
+    cfg, got = checkpoint_params(back)
     assert cfg.rope_original_max_position == 32 and cfg.rope_scaling_factor == 8.0 and not cfg.tie_embeddings
     assert set(got) == set(want)
     for k in want:
@@ -357,14 +366,14 @@ def test_meta_dir_from_meta_then_to_hf_matches_meta_reference(work):
 
 
 def test_from_meta_rope_factor_defaults(work):
-    meta = make_meta(work / "meta_rope", shards=1)
-    assert convert.MetaSource(meta).model.rope_scaling_factor == 8.0  # Meta's code
-    assert convert.MetaSource(meta, rope_scaling_factor=32).model.rope_scaling_factor == 32.0
+    src = make_meta(work / "meta_rope", shards=1)
+    assert meta_format.MetaSource(src).model.rope_scaling_factor == 8.0  # Meta's code
+    assert meta_format.MetaSource(src, rope_scaling_factor=32).model.rope_scaling_factor == 32.0
     plain = make_meta(work / "meta_plain", shards=1, scaled=False)
-    assert convert.MetaSource(plain).model.rope_scaling_factor is None
+    assert meta_format.MetaSource(plain).model.rope_scaling_factor is None
     # Llama 3.2 1B's shapes: factor 32 (params.json cannot say so).
-    assert convert._meta_rope_defaults(dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                                            vocab_size=128256))["rope_scaling_factor"] == 32.0
+    assert meta_format.meta_rope_defaults(dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                                               vocab_size=128256))["rope_scaling_factor"] == 32.0
 
 
 # ------------------------------------------------------------------------------- exact round trips
@@ -379,7 +388,7 @@ def test_hf_roundtrip_bit_exact(work, tied):
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
-    assert convert.HFSource(back).model == convert.HFSource(src).model
+    assert hf.HFSource(back).model == hf.HFSource(src).model
 
 
 def test_hf_bfloat16_roundtrip_bit_exact(work):
@@ -397,7 +406,7 @@ def test_meta_roundtrip_bit_exact(work, shards, dtype):
     src = make_meta(work / name, shards=shards, dtype=dtype, tied=shards == 1, seed=5)
     mid, back = work / f"{name}_ours", work / f"{name}_back"
     assert run_convert("from-meta", src, mid) == 0
-    assert checkpointing.read_config(mid)[0].model.tie_embeddings == (shards == 1)
+    assert run.read_config(mid)[0].model.tie_embeddings == (shards == 1)
     assert run_convert("to-meta", mid, back, "--shards", shards, "--dtype", str(dtype)[6:]) == 0
     a, b = pth_dir(src), pth_dir(back)
     assert len(a) == len(b) == shards
@@ -409,8 +418,10 @@ def test_meta_roundtrip_bit_exact(work, shards, dtype):
 
 
 def test_random_hf_streams_identical_files(work):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from convert_memory import random_hf  # the 8B memory benchmark's random weights
     src, mid, back = work / "rnd_hf", work / "rnd_ours", work / "rnd_back"
-    assert run_convert("random-hf", "debug-tiny", src, "--max-shard-size", "200KB") == 0
+    random_hf("debug-tiny", src, max_shard_bytes=200_000)
     assert run_convert("from-hf", src, mid, "--dtype", "bfloat16") == 0
     assert run_convert("to-hf", mid, back, "--max-shard-size", "200KB") == 0
     files = sorted(p.name for p in src.glob("*.safetensors"))
@@ -424,8 +435,8 @@ def test_random_hf_streams_identical_files(work):
 def test_init_from_and_load_read_converted_checkpoint(runs, from_hf, hf_src):
     """train.py train.init_from=OUT (lr 0, one step) keeps the converted weights exactly, and
     llama3_jax.load(OUT) gives transformers' logits."""
-    _, converted = checkpointing.load_params(from_hf)
-    _, trained = checkpointing.load_params(runs["init"])
+    _, converted = checkpoint_params(from_hf)
+    _, trained = checkpoint_params(runs["init"])
     assert set(converted) == set(trained)
     for k in converted:
         np.testing.assert_array_equal(np.asarray(trained[k]), np.asarray(converted[k]), err_msg=k)
@@ -438,7 +449,7 @@ def test_init_from_and_load_read_converted_checkpoint(runs, from_hf, hf_src):
                                      (3072, 8192), (64, 170), (256, 513)])
 def test_meta_ffn_params_reproduce_explicit_ffn(dim, ffn):
     cfg = ModelConfig(dim=dim, n_heads=8, n_kv_heads=8, ffn_hidden=ffn)
-    mo, mult = convert.meta_ffn_params(cfg)
+    mo, mult = meta_format.meta_ffn_params(cfg)
     h = int(2 * 4 * dim / 3)
     if mult is not None:
         h = int(mult * h)
@@ -447,10 +458,10 @@ def test_meta_ffn_params_reproduce_explicit_ffn(dim, ffn):
 
 def test_meta_params_keep_presets_values():
     from llama3_jax.config import load_config
-    p = convert.meta_params(load_config("llama3.1-8b").model)
+    p = meta_format.meta_params(load_config("llama3.1-8b").model)
     assert (p["multiple_of"], p["ffn_dim_multiplier"], p["use_scaled_rope"]) == (1024, 1.3, True)
     assert "rope_scaling_factor" not in p  # 8 is what Meta's code assumes
-    p = convert.meta_params(load_config("llama3.2-1b").model)
+    p = meta_format.meta_params(load_config("llama3.2-1b").model)
     assert "rope_scaling_factor" not in p  # 32 is what from-meta assumes for these shapes
 
 
@@ -458,7 +469,7 @@ def test_meta_params_keep_presets_values():
 
 def test_hf_tokenizer_from_meta_tokenizer_matches_reference(tmp_path):
     model = SHARED / "llama3-tokenizer" / "tokenizer.model"
-    convert.write_hf_tokenizer(model, tmp_path)
+    bpe.write_hf_tokenizer(model, tmp_path)
     import tokenizers
     ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     ref = tokenizers.Tokenizer.from_file(str(SHARED / "llama3-tokenizer" / "tokenizer.json"))
@@ -472,8 +483,8 @@ def test_hf_tokenizer_from_meta_tokenizer_matches_reference(tmp_path):
 
 
 def test_tokenizer_model_from_tokenizer_json_is_metas(tmp_path):
-    ranks = convert.ranks_from_tokenizer_json(SHARED / "llama3-tokenizer" / "tokenizer.json")
-    convert.write_tiktoken_file(ranks, tmp_path / "tokenizer.model")
+    ranks = bpe.ranks_from_tokenizer_json(SHARED / "llama3-tokenizer" / "tokenizer.json")
+    write_tiktoken_file(ranks, tmp_path / "tokenizer.model")
     assert (tmp_path / "tokenizer.model").read_bytes() == (SHARED / "llama3-tokenizer" / "tokenizer.model").read_bytes()
 
 

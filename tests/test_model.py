@@ -10,8 +10,9 @@ import torch
 import transformers
 
 import llama3_jax
-from llama3_jax.checkpoint import config_from_hf, hf_to_meta_qk, meta_to_hf_qk
-from llama3_jax.config import load_config, param_count
+from llama3_jax.config import load_config
+from llama3_jax.formats.hf import config_from_hf, hf_to_meta_qk, meta_to_hf_qk
+from llama3_jax.model import param_count
 
 
 def make_hf(tmp_path, *, heads=4, kv_heads=2, tied=False, scaling=True, layers=2, seed=0):
@@ -149,7 +150,7 @@ def attention_inputs(first_doc, second_doc, seed):
 
 
 def test_attention_implementations_agree():
-    from llama3_jax.attention import attention
+    from llama3_jax.model.attention import attention
     q, k, v, seg, pos = attention_inputs(10, 14, seed=0)
     ref = attention(q, k, v, seg, seg, pos, pos, impl="xla")
     out = attention(q, k, v, seg, seg, pos, pos, impl="jax_nn")
@@ -159,7 +160,7 @@ def test_attention_implementations_agree():
 
 
 def test_chunked_attention_equals_reference_values_and_gradients():
-    from llama3_jax.attention import chunked_attention, xla_attention
+    from llama3_jax.model.attention import chunked_attention, xla_attention
     q, k, v, seg, pos = attention_inputs(40, 24, seed=1)
 
     def loss(fn, q, k, v):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from llama3_jax.metrics import read_metrics
+from llama3_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config", "debug-tiny", "model.compute_dtype=float32", "data.shards=2",

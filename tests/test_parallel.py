@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from llama3_jax import sharding as shd
-from llama3_jax import trainer
-from llama3_jax.config import ConfigError, MeshConfig, load_config
+from llama3_jax.config import ConfigError, MeshConfig, load_config, validate
+from llama3_jax.parallel import sharding as shd
+from llama3_jax.train.step import Trainer
 
 # A large Adam eps keeps the update smooth in the gradient, so float reordering across
 # devices (1e-7 relative) cannot flip near-zero gradients into lr-sized updates.
@@ -29,12 +29,15 @@ def fixed_batch(batch=8, seq=64, vocab=2048, packed=True, seed=0):
     return dict(tokens=tok[:, :-1], targets=tok[:, 1:], segment_ids=seg, positions=pos, loss_mask=loss_mask)
 
 
-def one_step(cfg, sizes, batch, mesh_cfg=None):
+def trainer_on(cfg, sizes, mesh_cfg=None):
+    """The Trainer of `cfg` on the first devices, as many as the mesh `sizes` need."""
     n = int(np.prod(list(sizes.values()))) if sizes else 1
-    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-    state = trainer.init_state(cfg, mesh)
-    step = trainer.make_train_step(cfg, mesh, mesh_cfg or MeshConfig(**sizes))
-    state, metrics = step(state, trainer.host_batch_to_global(batch, mesh, sizes.get("cp", 1)))
+    return Trainer(cfg, mesh_cfg or MeshConfig(**sizes), devices=jax.devices()[:n])
+
+
+def one_step(cfg, sizes, batch, mesh_cfg=None):
+    trainer = trainer_on(cfg, sizes, mesh_cfg)
+    state, metrics = trainer(trainer.init_state(), trainer.put(batch))
     return float(metrics["loss"]), jax.device_get(state["params"]), state
 
 
@@ -71,14 +74,13 @@ def test_sharded_step_equals_single_device_step(sizes, extra, reference):
     for name in ref_params:
         np.testing.assert_allclose(params[name], ref_params[name], atol=1e-6, rtol=0, err_msg=name)
     # The update moved the parameters by far more than the tolerance.
-    init = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    init = jax.device_get(trainer_on(cfg, {}).init_state()["params"])
     assert np.abs(ref_params["wq"] - init["wq"]).max() > 1e-4
 
 
 def test_state_is_sharded_as_the_rules_say():
     cfg = load_config("debug-tiny", BASE + ["model.n_kv_heads=2"])
-    mesh = shd.make_mesh(fsdp=4, tp=2)
-    state = trainer.init_state(cfg, mesh)
+    state = trainer_on(cfg, dict(fsdp=4, tp=2)).init_state()
     p = state["params"]
     P = jax.sharding.PartitionSpec
     assert p["wq"].sharding.spec == P(None, "fsdp", "tp", None)
@@ -100,8 +102,7 @@ def test_state_is_sharded_as_the_rules_say():
 
 def test_kv_heads_replicate_when_tp_exceeds_them():
     cfg = load_config("debug-tiny", BASE + ["model.n_kv_heads=2"])
-    mesh = shd.make_mesh(tp=4, devices=jax.devices()[:4])
-    p = trainer.init_state(cfg, mesh)["params"]
+    p = trainer_on(cfg, dict(tp=4)).init_state()["params"]
     assert p["wk"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, None)
     assert p["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tp", None)
 
@@ -134,11 +135,8 @@ def test_cp_order_balances_chunks():
 
 
 def compiled_text(cfg, sizes):
-    n = int(np.prod(list(sizes.values())))
-    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-    abstract = trainer.abstract_state(cfg, mesh)
-    step = trainer.make_train_step(cfg, mesh, MeshConfig(**sizes))
-    return step.lower(abstract, trainer.abstract_batch(mesh, 8, 64)).compile().as_text()
+    trainer = trainer_on(cfg, sizes)
+    return trainer.lower(trainer.abstract_state(), trainer.abstract_batch()).compile().as_text()
 
 
 def test_context_parallel_gathers_kv_not_logits():
@@ -174,10 +172,10 @@ def test_mesh_errors_are_clear_before_compiling(sizes, overrides, message):
     mesh_cfg = MeshConfig(**sizes)
     n_devices = 8 if message and "devices" in message else int(np.prod(list(sizes.values())))
     if message is None:
-        trainer.validate(cfg, mesh_cfg, n_devices)
+        validate(cfg, mesh_cfg, n_devices)
         return
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
-        trainer.validate(cfg, mesh_cfg, n_devices)
+        validate(cfg, mesh_cfg, n_devices)
 
 
 def test_mesh_minus_one_takes_remaining_devices():
@@ -187,7 +185,7 @@ def test_mesh_minus_one_takes_remaining_devices():
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
-    from llama3_jax import checkpointing
+    from llama3_jax.formats import run as checkpointing
     cfg = load_config("debug-tiny", BASE)
     batch = fixed_batch()
     _, _, state = one_step(cfg, dict(fsdp=8), batch)
@@ -198,18 +196,16 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
     losses = []
     for sizes in (dict(tp=2, fsdp=4), dict()):
-        n = int(np.prod(list(sizes.values()))) if sizes else 1
-        mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-        step, restored, data_state = checkpointing.restore_latest(mngr, trainer.abstract_state(cfg, mesh))
+        trainer = trainer_on(cfg, sizes)
+        step, restored, data_state = checkpointing.restore_latest(mngr, trainer.abstract_state())
         assert step == 1 and data_state == {"0": {}}
-        want = trainer.abstract_state(cfg, mesh)
+        want = trainer.abstract_state()
         for k in restored["params"]:
             assert restored["params"][k].sharding == want["params"][k].sharding
             np.testing.assert_array_equal(np.asarray(restored["params"][k]), saved["params"][k])
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["opt_state"]), saved["opt_state"])
         # Training continues identically on the new mesh.
-        fn = trainer.make_train_step(cfg, mesh)
-        _, m = fn(restored, trainer.host_batch_to_global(fixed_batch(seed=1), mesh, 1))
+        _, m = trainer(restored, trainer.put(fixed_batch(seed=1)))
         losses.append(float(m["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 

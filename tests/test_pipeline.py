@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_parallel import BASE, fixed_batch  # noqa: E402
+from test_parallel import BASE, fixed_batch, trainer_on  # noqa: E402
 
-from llama3_jax import pipeline, trainer  # noqa: E402
-from llama3_jax import sharding as shd  # noqa: E402
-from llama3_jax.config import ConfigError, MeshConfig, load_config  # noqa: E402
+from llama3_jax.config import ConfigError, MeshConfig, load_config, validate  # noqa: E402
+from llama3_jax.model import loss_sum  # noqa: E402
+from llama3_jax.parallel import sharding as shd  # noqa: E402
+from llama3_jax.train import pipeline  # noqa: E402
 
 DEEP = BASE + ["model.n_layers=8"]
 AXES = ("dp", "fsdp", "pp", "cp", "tp")
@@ -28,14 +29,10 @@ AXES = ("dp", "fsdp", "pp", "cp", "tp")
 
 def run_step(cfg, mesh_cfg, batch):
     """One training step on the mesh of `mesh_cfg`: (loss, params, state, compiled HLO text)."""
-    sizes = {a: getattr(mesh_cfg, a) for a in AXES}
-    n = int(np.prod(list(sizes.values())))
-    mesh = shd.make_mesh(**sizes, devices=jax.devices()[:n])
-    trainer.validate(cfg, mesh_cfg, n)
-    state = trainer.init_state(cfg, mesh)
-    step = trainer.make_train_step(cfg, mesh, mesh_cfg)
-    gbatch = trainer.host_batch_to_global(batch, mesh, mesh_cfg.cp)
-    compiled = step.lower(state, gbatch).compile()  # compiled once: run it and keep its HLO
+    trainer = trainer_on(cfg, mesh_cfg.sizes(), mesh_cfg)
+    state = trainer.init_state()
+    gbatch = trainer.put(batch)
+    compiled = trainer.lower(state, gbatch).compile()  # compiled once: run it and keep its HLO
     state, metrics = compiled(state, gbatch)
     return float(metrics["loss"]), jax.device_get(state["params"]), state, compiled.as_text()
 
@@ -68,7 +65,7 @@ def reference():
     cfg = load_config("debug-tiny", DEEP)
     ref = run_step(cfg, MeshConfig(), fixed_batch())
     # The step moves the parameters (first and last layer) by far more than the tolerance.
-    init = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    init = jax.device_get(trainer_on(cfg, {}).init_state()["params"])
     assert np.abs(ref[1]["wq"][0] - init["wq"][0]).max() > 1e-4
     assert np.abs(ref[1]["w2"][-1] - init["w2"][-1]).max() > 1e-4
     return ref
@@ -184,15 +181,15 @@ def test_light_ends_layer_assignment():
     (dict(pp=4, pp_virtual_stages=2, pp_microbatches=2), ["model.n_layers=8"], None),
 ])
 def test_pipeline_config_errors_are_clear(mesh, overrides, message):
-    """Through trainer.validate, which runs the pipeline's checks for pp > 1."""
+    """Through config.validate, which runs the pipeline's checks for pp > 1."""
     cfg = load_config("debug-tiny", overrides)
     mesh_cfg = MeshConfig(**mesh)
     n = int(np.prod([mesh.get(a, 1) for a in AXES]))
     if message is None:
-        trainer.validate(cfg, mesh_cfg, n)
+        validate(cfg, mesh_cfg, n)
         return
     with pytest.raises(ConfigError, match=message):
-        trainer.validate(cfg, mesh_cfg, n)
+        validate(cfg, mesh_cfg, n)
 
 
 @pytest.mark.parametrize("mesh,message", [
@@ -202,18 +199,18 @@ def test_pipeline_config_errors_are_clear(mesh, overrides, message):
 ])
 def test_pipeline_counts_must_be_positive(mesh, message):
     cfg = load_config("debug-tiny", ["model.n_layers=8"])
+    mesh_cfg = MeshConfig(**mesh)
     with pytest.raises(ConfigError, match=message):
-        pipeline.validate(cfg.model, MeshConfig(**mesh), {a: mesh.get(a, 1) for a in AXES})
+        validate(cfg, mesh_cfg, mesh_cfg.fixed_device_count())
 
 
 # ---------------------------------------------------------------- checkpoints, HLO, memory
 
 def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
-    from llama3_jax import checkpointing
+    from llama3_jax.formats import run as checkpointing
     cfg = load_config("debug-tiny", DEEP)
     _, params, state, _ = cached_step(CASES[0][0])
-    one = shd.make_mesh(devices=jax.devices()[:1])
-    abstract = trainer.abstract_state(cfg, one)
+    abstract = trainer_on(cfg, {}).abstract_state()
     assert jax.tree.structure(state) == jax.tree.structure(abstract)
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -250,12 +247,13 @@ def test_stage_transfer_is_a_collective_permute():
 def test_bfloat16_compute_compiles_and_matches():
     """bfloat16 activations (the default compute dtype) through the pipeline with FSDP."""
     cfg = load_config("debug-tiny", DEEP + ["model.compute_dtype=bfloat16"])
-    params = jax.device_get(trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    params = jax.device_get(trainer_on(cfg, {}).init_state()["params"])
     batch = {k: jnp.asarray(v) for k, v in fixed_batch().items()}
-    want_loss, want = jax.jit(jax.value_and_grad(trainer.loss_sum), static_argnums=2)(params, batch, cfg.model)
+    want_loss, want = jax.jit(jax.value_and_grad(loss_sum), static_argnums=2)(params, batch, cfg.model)
     mesh = shd.make_mesh(fsdp=2, pp=2, devices=jax.devices()[:4])
     grad_fn = pipeline.make_grad_fn(cfg, mesh, MeshConfig(fsdp=2, pp=2, pp_virtual_stages=2, pp_microbatches=2))
-    loss, grads = jax.jit(grad_fn)(params, batch)
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(grad_fn)(params, batch)
     assert float(loss) == pytest.approx(float(want_loss), rel=2e-3)
     for name, g in grads.items():
         assert g.dtype == want[name].dtype == jnp.float32
@@ -271,9 +269,10 @@ def test_loop_saves_activations_not_weights(remat):
     mesh = shd.make_mesh(pp=2, devices=jax.devices()[:2])
     grad_fn = pipeline.make_grad_fn(cfg, mesh, MeshConfig(pp=2, pp_microbatches=4))
     T = grad_fn.plan.iterations
-    params = jax.eval_shape(lambda: trainer.init_state(cfg, shd.make_mesh(devices=jax.devices()[:1]))["params"])
+    params = {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in trainer_on(cfg, {}).abstract_state()["params"].items()}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fixed_batch().items()}
-    text = str(jax.make_jaxpr(grad_fn)(params, batch))
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(grad_fn)(params, batch))
     stacked = set(re.findall(rf"\b(?:f32|bf16)\[{T},[0-9,]*\]", text))
     # Weights would end in [..., 64, 192] (w1/w3), [..., 192, 64] (w2) or [..., 64, 4, 16] (wq)
     # without a micro-batch dim; activations have [.., 2 rows, 64 positions, ...].

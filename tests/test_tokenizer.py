@@ -1,4 +1,4 @@
-"""Tests of llama3_jax.tokenizer: Meta's Llama 3 tokenizer.model against the independent
+"""Tests of llama3_jax.formats.tokenizer and .bpe: Meta's Llama 3 tokenizer.model against the independent
 Hugging Face tokenizer.json, long inputs, the dialog format, and the default BPE tokenizer."""
 
 import base64
@@ -14,9 +14,11 @@ import tiktoken
 import tokenizers
 from tiktoken.load import load_tiktoken_bpe
 
-from llama3_jax import tokenizer as tokmod
-from llama3_jax.corpus import default_corpus_files
-from llama3_jax.tokenizer import Tokenizer, default_tokenizer
+from llama3_jax.data.corpus import default_corpus_files
+from llama3_jax.formats import bpe
+from llama3_jax.formats import tokenizer as tokmod
+from llama3_jax.formats.bpe import default_tokenizer
+from llama3_jax.formats.tokenizer import Tokenizer
 
 LLAMA3_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "llama3-tokenizer"
 STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
@@ -390,7 +392,7 @@ def test_default_tokenizer_round_trips(default_tok):
 
 def test_default_tokenizer_compression(default_tok):
     """Bytes per token on stdlib files that were not in the training sample."""
-    files, _ = tokmod._training_files(default_corpus_files(), tokmod.DEFAULT_TRAIN_BYTES)
+    files, _ = bpe._training_files(default_corpus_files(), bpe.DEFAULT_TRAIN_BYTES)
     trained = set(files)
     held_out = [p for p in default_corpus_files() if p not in trained][::20]
     n_bytes = n_tokens = 0
@@ -413,13 +415,13 @@ def test_default_tokenizer_reuses_cache(default_tok, default_cache, monkeypatch)
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the cached file exists")
 
-    monkeypatch.setattr(tokmod, "_train_bpe", no_training)
+    monkeypatch.setattr(bpe, "_train_bpe", no_training)
     again = default_tokenizer(2048, cache_dir=default_cache)
     assert again.path == default_tok.path
     assert again.path.stat().st_mtime_ns == mtime
     monkeypatch.setenv("LLAMA3_JAX_CACHE", str(default_cache))
     assert default_tokenizer().path == default_tok.path
-    assert tokmod.default_cache_dir() == default_cache
+    assert bpe.default_cache_dir() == default_cache
 
 
 def test_default_tokenizer_deterministic_and_repairs_cache(default_tok, tmp_path):
@@ -441,10 +443,10 @@ def test_bpe_conversion_matches_hf_encoding():
     files = [p for p in default_corpus_files() if p.parent == STDLIB]
     train = [p.read_text(encoding="utf-8") for p in files[:40:2]]
     held_out = [p.read_text(encoding="utf-8") for p in files[41:60:2]] + list(CORPUS.values())
-    hf = tokmod._train_bpe(train, 1000)
-    ranks = tokmod._ranks_from_hf(hf)
+    hf = bpe._train_bpe(train, 1000)
+    ranks = bpe._ranks_from_hf(hf)
     assert len(ranks) == 1000
-    to_byte = tokmod._byte_level_alphabet()
+    to_byte = {c: b for b, c in tokmod.byte_to_unicode().items()}
     hf_bytes = {i: bytes(to_byte[c] for c in t) for t, i in hf.get_vocab().items()}
     enc = tiktoken.Encoding(
         "t", pat_str=tokmod.LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llama3_jax.config import ConfigError
-from llama3_jax.metrics import read_metrics
+from llama3_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40  # long enough that a kill after step 6 always lands mid-run
@@ -39,9 +39,9 @@ def run(out, steps, *extra, check=True):
 
 
 def final_params(out):
-    from llama3_jax import checkpointing
-    _, params = checkpointing.load_params(out)
-    return {k: np.asarray(v) for k, v in params.items()}
+    from llama3_jax.formats.run import RunSource
+    src = RunSource(out)
+    return {k: src.whole(k) for k in src.dtypes}
 
 
 def losses(out):
@@ -66,7 +66,7 @@ def test_metrics_have_every_field(uninterrupted):
     assert (uninterrupted / "loss.png").stat().st_size > 1000
     assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [32, 36, 40]
     # The run keeps the tokenizer it trained with (the default BPE depends on the stdlib).
-    from llama3_jax.tokenizer import default_tokenizer
+    from llama3_jax.formats.bpe import default_tokenizer
     kept = (uninterrupted / "tokenizer.model").read_bytes()
     assert kept == pathlib.Path(default_tokenizer().path).read_bytes()
 

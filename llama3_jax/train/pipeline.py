@@ -1,14 +1,14 @@
 """Pipeline parallelism: the layers split into stages over the `pp` mesh axis.
 
 `make_grad_fn` returns `grad_fn(params, batch) -> (loss_sum, grads)` with exactly the
-meaning of `jax.value_and_grad(trainer.loss_sum)`, computed as a pipeline:
+meaning of `jax.value_and_grad(model.loss_sum)`, computed as a pipeline:
 
 - Layout. With P = pp ranks and V virtual stages per rank there are N = P*V logical
   stages; logical stage s = v*P + p lives on rank p (the interleaved, "circular"
   assignment: a micro-batch passes ranks 0..P-1 V times). Each stage has k layer slots.
   The stored parameters keep their mesh-independent [n_layers, ...] layout; inside the
   step they are rearranged to [P, V, k, ...] with the P dimension sharded over `pp` (the
-  "stage" rule of `llama3_jax.sharding`), so every rank only touches its own stages.
+  "stage" rule of `llama3_jax.parallel.sharding`), so every rank only touches its own stages.
 - Schedule. The batch is split into M micro-batches (micro-batch m = rows m, m+M, ...);
   micro-batch m runs virtual stage v on rank p at iteration t = m + v*Mp + p, where
   Mp = max(M, P) when V > 1 (else M). All ranks step together for
@@ -62,11 +62,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama3_jax import sharding as shd
 from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, dtype_of
-from llama3_jax.model import (LAYER_PARAMS, PARAM_AXES, block, embed_tokens, final_hidden,
-                              output_logits, rope_angles)
-from llama3_jax.trainer import cross_entropy
+from llama3_jax.model.loss import cross_entropy
+from llama3_jax.model.model import (LAYER_PARAMS, PARAM_AXES, block, embed_tokens, final_hidden,
+                                    output_logits, rope_angles)
+from llama3_jax.parallel import sharding as shd
 
 AXIS = "pp"
 
@@ -154,33 +154,11 @@ class Plan:
 
 
 def make_plan(model_cfg: ModelConfig, mesh_cfg: MeshConfig, pp: int) -> Plan:
+    """The schedule of a config checked by `config.validate`."""
     return Plan(pp=pp, virtual=mesh_cfg.pp_virtual_stages, microbatches=mesh_cfg.pp_microbatches,
                 n_layers=model_cfg.n_layers, light_ends=mesh_cfg.pp_light_ends)
 
 
-def validate(model_cfg: ModelConfig, mesh_cfg: MeshConfig, sizes: dict) -> Plan:
-    """Clear errors for pipeline settings that cannot work (called by trainer.validate)."""
-    pp = sizes["pp"]
-    M, V, L = mesh_cfg.pp_microbatches, mesh_cfg.pp_virtual_stages, model_cfg.n_layers
-    if M < 1:
-        raise ConfigError(f"mesh.pp_microbatches={M} must be at least 1")
-    if V < 1:
-        raise ConfigError(f"mesh.pp_virtual_stages={V} must be at least 1")
-    n = pp * V
-    if mesh_cfg.pp_light_ends:
-        if n < 2:
-            raise ConfigError("mesh.pp_light_ends needs at least two stages (pp * pp_virtual_stages >= 2)")
-        if (L + 2) % n:
-            raise ConfigError(
-                f"mesh.pp_light_ends: model.n_layers={L} plus the 2 lighter ends ({L + 2}) is not divisible "
-                f"into pp*pp_virtual_stages={pp}*{V}={n} stages; choose n_layers = k*{n} - 2 or drop light ends")
-        if (L + 2) // n < 2:
-            raise ConfigError(
-                f"mesh.pp_light_ends with model.n_layers={L} over {n} stages would leave the first and last "
-                "stage without layers; use fewer stages")
-    elif L % n:
-        raise ConfigError(f"model.n_layers={L} is not divisible into pp*pp_virtual_stages={pp}*{V}={n} stages")
-    return make_plan(model_cfg, mesh_cfg, pp)
 
 
 # ---------------------------------------------------------------- parameters by stage
@@ -223,14 +201,7 @@ def _varying(tree):
     """Mark pp-replicated values as per-rank (inside the shard_map; their cotangents are
     then summed over pp)."""
     def one(x):
-        aval = jax.typeof(x)
-        mat = getattr(aval, "mat", None)  # JAX >= 0.10: manual axis types; before: .vma
-        varying = mat.varying if mat is not None else getattr(aval, "vma", ())
-        if AXIS in varying:
-            return x
-        if hasattr(jax.lax, "pcast"):
-            return jax.lax.pcast(x, AXIS, to="varying")
-        return jax.lax.pvary(x, AXIS)  # older JAX
+        return x if AXIS in jax.typeof(x).mat.varying else jax.lax.pcast(x, AXIS, to="varying")
     return jax.tree.map(one, tree)
 
 
@@ -251,61 +222,61 @@ def _stage_loop(stage_w, x_emb, segment_ids, positions, *, plan: Plan, cfg: Mode
     stale data whose results are masked out. A `lax.cond` on the rank would skip that
     work, but collectives of the automatic axes inside such a branch (all-gathers, the
     gather's resharding) are not entered by all devices and can deadlock; in lock-step
-    the idle time is the bubble either way.
+    the idle time is the bubble either way. `constrain` here sees the shard_map's abstract
+    mesh, where pp is manual, so activations are pinned over the other axes only.
     """
-    with shd.use_mesh_rules(jax.sharding.get_abstract_mesh()):
-        x_emb, segment_ids, positions = _varying((x_emb, segment_ids, positions))
-        x_emb = x_emb.astype(dtype_of(cfg.compute_dtype))
-        stage_w = jax.tree.map(lambda a: a[0], stage_w)  # [V, k, ...] of this rank
-        P, V, M, Mp, Q = plan.pp, plan.virtual, plan.microbatches, plan.period, plan.ring
-        p = jax.lax.axis_index(AXIS)
-        _, pad_table = plan.layer_index()
-        pad_of_v = jnp.asarray(pad_table)[p]  # [V]: slot 0 of that stage is padding
-        act_names = ("batch", "seq_sp", "embed")
+    x_emb, segment_ids, positions = _varying((x_emb, segment_ids, positions))
+    x_emb = x_emb.astype(dtype_of(cfg.compute_dtype))
+    stage_w = jax.tree.map(lambda a: a[0], stage_w)  # [V, k, ...] of this rank
+    P, V, M, Mp, Q = plan.pp, plan.virtual, plan.microbatches, plan.period, plan.ring
+    p = jax.lax.axis_index(AXIS)
+    _, pad_table = plan.layer_index()
+    pad_of_v = jnp.asarray(pad_table)[p]  # [V]: slot 0 of that stage is padding
+    act_names = ("batch", "seq_sp", "embed")
 
-        def stage(x, w_all, v, m, pad):
-            w = _index(w_all, v)  # [k, ...] float32: gradients accumulate in float32
-            seg, pos = _index(segment_ids, m), _index(positions, m)
-            cos, sin = rope_angles(cfg, pos)
+    def stage(x, w_all, v, m, pad):
+        w = _index(w_all, v)  # [k, ...] float32: gradients accumulate in float32
+        seg, pos = _index(segment_ids, m), _index(positions, m)
+        cos, sin = rope_angles(cfg, pos)
 
-            def layer(x, lw):
-                return block(x, lw, cos, sin, seg, pos, cfg)
+        def layer(x, lw):
+            return block(x, lw, cos, sin, seg, pos, cfg)
 
-            if plan.light_ends:  # the first and last stage mask their slot 0 away
-                x = jnp.where(pad, x, layer(x, _index(w, 0)))
-                w = jax.tree.map(lambda a: a[1:], w)
-            x, _ = jax.lax.scan(lambda c, lw: (layer(c, lw), None), x, w)
-            return x
+        if plan.light_ends:  # the first and last stage mask their slot 0 away
+            x = jnp.where(pad, x, layer(x, _index(w, 0)))
+            w = jax.tree.map(lambda a: a[1:], w)
+        x, _ = jax.lax.scan(lambda c, lw: (layer(c, lw), None), x, w)
+        return x
 
-        stage = _remat(stage, cfg)
+    stage = _remat(stage, cfg)
 
-        def iteration(carry, t):
-            recv, ring, outs = carry
-            u = t - p  # rank p runs micro-batch u % Mp of virtual stage u // Mp
-            active = (u >= 0) & (u % Mp < M) & (u // Mp < V)
-            v = jnp.clip(u // Mp, 0, V - 1)
-            m = jnp.minimum(u % Mp, M - 1)
-            if V > 1:  # rank 0 holds activations wrapping round until their micro-batch's turn
-                if Q > 1:
-                    ring = jax.lax.dynamic_update_index_in_dim(ring, recv, t % Q, 0)
-                    wrapped = jax.lax.dynamic_index_in_dim(ring, (t + 1) % Q, 0, keepdims=False)
-                else:
-                    wrapped = recv
-                recv = jnp.where(p == 0, wrapped, recv)
-            x = jnp.where((p == 0) & (v == 0), _index(x_emb, m), recv)
-            out = shd.constrain(stage(shd.constrain(x, act_names), stage_w, v, m, pad_of_v[v]), act_names)
-            last = active & (p == P - 1) & (v == V - 1)
-            outs = jax.lax.dynamic_update_index_in_dim(
-                outs, jnp.where(last, out, jax.lax.dynamic_index_in_dim(outs, m, 0, keepdims=False)), m, 0)
-            if send_perm:
-                out = jax.lax.ppermute(out, AXIS, send_perm)
-            return (out, ring, outs), None
+    def iteration(carry, t):
+        recv, ring, outs = carry
+        u = t - p  # rank p runs micro-batch u % Mp of virtual stage u // Mp
+        active = (u >= 0) & (u % Mp < M) & (u // Mp < V)
+        v = jnp.clip(u // Mp, 0, V - 1)
+        m = jnp.minimum(u % Mp, M - 1)
+        if V > 1:  # rank 0 holds activations wrapping round until their micro-batch's turn
+            if Q > 1:
+                ring = jax.lax.dynamic_update_index_in_dim(ring, recv, t % Q, 0)
+                wrapped = jax.lax.dynamic_index_in_dim(ring, (t + 1) % Q, 0, keepdims=False)
+            else:
+                wrapped = recv
+            recv = jnp.where(p == 0, wrapped, recv)
+        x = jnp.where((p == 0) & (v == 0), _index(x_emb, m), recv)
+        out = shd.constrain(stage(shd.constrain(x, act_names), stage_w, v, m, pad_of_v[v]), act_names)
+        last = active & (p == P - 1) & (v == V - 1)
+        outs = jax.lax.dynamic_update_index_in_dim(
+            outs, jnp.where(last, out, jax.lax.dynamic_index_in_dim(outs, m, 0, keepdims=False)), m, 0)
+        if send_perm:
+            out = jax.lax.ppermute(out, AXIS, send_perm)
+        return (out, ring, outs), None
 
-        act = x_emb[0]
-        ring0 = jnp.zeros((Q if V > 1 and Q > 1 else 1, *act.shape), act.dtype)
-        init = _varying((jnp.zeros_like(act), ring0, jnp.zeros_like(x_emb)))
-        (_, _, outs), _ = jax.lax.scan(iteration, init, jnp.arange(plan.iterations))
-        return outs
+    act = x_emb[0]
+    ring0 = jnp.zeros((Q if V > 1 and Q > 1 else 1, *act.shape), act.dtype)
+    init = _varying((jnp.zeros_like(act), ring0, jnp.zeros_like(x_emb)))
+    (_, _, outs), _ = jax.lax.scan(iteration, init, jnp.arange(plan.iterations))
+    return outs
 
 
 def split_microbatches(x, M: int, names):
@@ -355,22 +326,16 @@ def pipeline_loss(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan)
 
 def make_grad_fn(cfg: Config, mesh, mesh_cfg: MeshConfig):
     """`grad_fn(params, batch) -> (loss_sum, grads)` with the meaning of
-    `jax.value_and_grad(trainer.loss_sum)(params, batch, cfg.model)`, run as an interleaved
-    pipeline over the mesh's `pp` axis (trace it inside jit)."""
-    plan = validate(cfg.model, mesh_cfg, dict(mesh.shape))
+    `jax.value_and_grad(model.loss_sum)(params, batch, cfg.model)`, run as an interleaved
+    pipeline over the mesh's `pp` axis (trace it inside jit, under `jax.set_mesh(mesh)`)."""
+    plan = make_plan(cfg.model, mesh_cfg, mesh.shape[AXIS])
     loss_and_grad = jax.value_and_grad(pipeline_loss)
 
     def grad_fn(params, batch):
         b = batch["tokens"].shape[0]
         if b % plan.microbatches:
             raise ConfigError(f"a batch of {b} rows does not divide into mesh.pp_microbatches={plan.microbatches}")
-        with shd.use_mesh_rules(mesh):
-            return loss_and_grad(params, batch, cfg.model, mesh, plan)
+        return loss_and_grad(params, batch, cfg.model, mesh, plan)
 
     grad_fn.plan = plan
     return grad_fn
-
-
-def bubble_fraction(pp: int, microbatches: int, virtual: int = 1) -> float:
-    """(pp-1)/(V*M): pipeline idle time relative to useful time for the interleaved schedule."""
-    return (pp - 1) / (virtual * microbatches)

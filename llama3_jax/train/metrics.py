@@ -1,10 +1,13 @@
-"""Per-step metrics: metrics.jsonl, TensorBoard event files and a loss-curve PNG."""
+"""Per-step metrics: metrics.jsonl, TensorBoard event files, a loss-curve PNG, and the
+device peak FLOP/s that MFU is measured against."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+import time
 
 
 class MetricsWriter:
@@ -69,3 +72,32 @@ def plot_loss(run_dir) -> pathlib.Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def peak_flops(device, configured: float = 0.0) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, from its kind (None if unknown); on CPU a
+    measured float32 matmul rate."""
+    if configured:
+        return configured
+    kind = device.device_kind.lower()
+    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "v6": 918e12, "v5p": 459e12,
+             "v5 lite": 197e12, "v5e": 197e12, "v4": 275e12}
+    for key, value in table.items():
+        if key in kind:
+            return value
+    if device.platform == "cpu":
+        return measure_cpu_flops()
+    return None
+
+
+@functools.cache
+def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
+    """Measured float32 matmul FLOP/s of the host CPU (the CPU 'peak' for MFU)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: functools.reduce(lambda x, _: x @ a, range(reps), a))
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)

@@ -1,16 +1,9 @@
-"""Llama 3 tokenizer (tiktoken BPE) and the project's own small default tokenizer.
+"""The Llama 3 tokenizer (tiktoken BPE) and tiktoken `tokenizer.model` files.
 
 `Tokenizer` reads a Meta Llama 3 `tokenizer.model` (lines `base64(token_bytes) rank`) and
 encodes exactly like Meta's reference: the Llama 3 pre-tokenizer split pattern, byte-level BPE
-by rank, and 256 special tokens from id `len(ranks)` in the Llama 3.1+ layout.
-
-`default_tokenizer()` builds the tokenizer for the default training run. That run must work
-without downloading anything, and Meta's tokenizer may not be shipped with the project, so
-we train a small byte-level BPE (Hugging Face `tokenizers`) on the embedded default corpus
-(this Python's standard library sources, see `llama3_jax.corpus`) with the same
-pre-tokenization as Llama 3, and write it in Meta's tiktoken `tokenizer.model` format. The
-same `Tokenizer` class and code path then serve both the real Llama 3 tokenizer and the
-default one; only the file differs.
+by rank, and 256 special tokens from id `len(ranks)` in the Llama 3.1+ layout. The project's
+own default tokenizer (`llama3_jax.formats.bpe.default_tokenizer`) is such a file too.
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ import base64
 import hashlib
 import os
 import pathlib
-import platform
 import re
 import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -33,8 +25,9 @@ __all__ = [
     "NUM_SPECIAL_TOKENS",
     "SPECIAL_TOKEN_NAMES",
     "Tokenizer",
-    "default_tokenizer",
-    "default_cache_dir",
+    "byte_to_unicode",
+    "read_tiktoken_file",
+    "write_tiktoken_file",
 ]
 
 # Llama 3 pre-tokenizer pattern (same as in Meta's reference code and tokenizer.json).
@@ -327,166 +320,27 @@ def _load_ranks(path: pathlib.Path) -> dict[bytes, int]:
     return ranks
 
 
-# ---------------------------------------------------------------------- default tokenizer
-
-# Bytes of default-corpus text the default tokenizer is trained on: an evenly spread,
-# deterministic sample of the sorted stdlib files (about a quarter of them). Training takes
-# about a second on 2 cores; using all ~31 MB changes bytes/token by only ~3%.
-DEFAULT_TRAIN_BYTES = 8_000_000
-# Bump when the training recipe changes, so cached files are not reused across recipes.
-_RECIPE_VERSION = "1"
-
-
-def default_cache_dir() -> pathlib.Path:
-    """`$LLAMA3_JAX_CACHE`, else `~/.cache/llama3_jax`."""
-    env = os.environ.get("LLAMA3_JAX_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "llama3_jax"
-
-
-def default_tokenizer(
-    vocab_size: int = 2048, cache_dir: str | os.PathLike | None = None
-) -> Tokenizer:
-    """The project's own tokenizer for the default run: a byte-level BPE with
-    `vocab_size - 256` ranks plus the 256 Llama 3 special tokens (so `n_words ==
-    vocab_size`), trained on the default corpus with Llama 3 pre-tokenization, stored in
-    tiktoken format in `cache_dir` and reused from there on later calls."""
-    from llama3_jax.corpus import default_corpus_files
-
-    n_ranks = vocab_size - NUM_SPECIAL_TOKENS
-    if n_ranks < 256:
-        raise ValueError(
-            f"vocab_size must be at least {256 + NUM_SPECIAL_TOKENS} "
-            f"(256 byte tokens + {NUM_SPECIAL_TOKENS} special tokens), got {vocab_size}"
-        )
-    cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    files, root = _training_files(default_corpus_files(), DEFAULT_TRAIN_BYTES)
-    texts, key = _read_training_texts(files, root, vocab_size)
-    path = cache / f"default-bpe-{vocab_size}-{key}.model"
-    if path.is_file():
-        try:
-            tok = Tokenizer(path)
-            if tok.n_words == vocab_size:
-                return tok
-        except ValueError:
-            pass  # damaged: train again and replace it
-    ranks = _ranks_from_hf(_train_bpe(texts, n_ranks))
-    if len(ranks) != n_ranks:
-        raise ValueError(
-            f"the default corpus sample yields only {len(ranks)} BPE tokens; "
-            f"vocab_size={vocab_size} needs {n_ranks}"
-        )
-    _write_tiktoken_bpe_atomic(ranks, path)
-    return Tokenizer(path)
-
-
-def _training_files(
-    files: Sequence[pathlib.Path], budget: int
-) -> tuple[list[pathlib.Path], pathlib.Path]:
-    """Every k-th file of the sorted list, k chosen so the sample is about `budget` bytes."""
-    if not files:
-        raise ValueError("the default corpus is empty: no standard library .py files found")
-    sizes = [f.stat().st_size for f in files]
-    stride = max(1, round(sum(sizes) / budget))
-    root = pathlib.Path(os.path.commonpath([str(f) for f in files]))
-    return list(files[::stride]), root
-
-
-def _read_training_texts(
-    files: Sequence[pathlib.Path], root: pathlib.Path, vocab_size: int
-) -> tuple[list[str], str]:
-    """UTF-8 texts of `files` (others skipped) and a cache key over the recipe, the
-    Python version, and the names and contents of the files used."""
-    import tokenizers
-
-    h = hashlib.sha256()
-    h.update(
-        f"recipe={_RECIPE_VERSION} vocab={vocab_size} python={platform.python_version()} "
-        f"tokenizers={tokenizers.__version__}\n".encode()
-    )
-    texts = []
-    for f in files:
-        data = f.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # a few stdlib test files are deliberately in other encodings
-        h.update(f"{f.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        h.update(hashlib.sha256(data).digest())
-        texts.append(text)
-    return texts, h.hexdigest()[:16]
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2 byte-level mapping, inverted: printable stand-in character -> byte value."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("\xa1"), ord("\xac") + 1),
-        *range(ord("\xae"), ord("\xff") + 1),
-    ]
-    char_of = {b: chr(b) for b in printable}
-    extra = 0
+def byte_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's (GPT-2's) reversible table: printable Latin-1 bytes stand for
+    themselves, the other bytes map in order to U+0100 upwards. Hugging Face tokenizer.json
+    vocabularies spell token bytes with it."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {b: chr(b) for b in keep}, 0
     for b in range(256):
-        if b not in char_of:
-            char_of[b] = chr(256 + extra)
+        if b not in table:
+            table[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in char_of.items()}
+    return table
 
 
-def _train_bpe(texts: Sequence[str], n_ranks: int):
-    """Train a Hugging Face byte-level BPE with `n_ranks` tokens (the 256 bytes included),
-    pre-tokenized like Llama 3 (the same Split + ByteLevel as Meta's tokenizer.json)."""
-    from tokenizers import Regex
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=n_ranks,
-        min_frequency=0,
-        show_progress=False,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    hf.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return hf
+def read_tiktoken_file(path) -> dict[bytes, int]:
+    """The ranks of a tiktoken BPE file, checked (see `Tokenizer`)."""
+    return _load_ranks(pathlib.Path(path))
 
 
-def _ranks_from_hf(hf) -> dict[bytes, int]:
-    """tiktoken ranks of a trained HF byte-level BPE: byte b gets rank b, and the token made
-    by the i-th merge gets rank 256 + i, so tiktoken's lowest-rank-first merging applies the
-    merges in the order BPE learned them."""
-    import json
-
-    model = json.loads(hf.to_str())["model"]
-    to_byte = _byte_level_alphabet()
-    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-    singles = {bytes(to_byte[c] for c in tok) for tok, _ in vocab[:256]}
-    if singles != set(ranks):
-        raise ValueError("trained BPE does not start with the 256 single-byte tokens")
-    merged = [bytes(to_byte[c] for c in tok) for tok, _ in vocab[256:]]
-    for token in merged:
-        if token in ranks:
-            raise ValueError(f"trained BPE has the token {token!r} twice")
-        ranks[token] = len(ranks)
-    # Every merged token must come from a merge of two earlier tokens, in vocab order.
-    for i, merge in enumerate(model["merges"][: len(merged)]):
-        a, b = merge if isinstance(merge, list) else merge.split(" ")
-        left, right = bytes(to_byte[c] for c in a), bytes(to_byte[c] for c in b)
-        if left + right != merged[i] or ranks[left] >= 256 + i or ranks[right] >= 256 + i:
-            raise ValueError(f"trained BPE merge {i} does not match its vocabulary entry")
-    return ranks
-
-
-def _write_tiktoken_bpe_atomic(ranks: Mapping[bytes, int], path: pathlib.Path) -> None:
+def write_tiktoken_file(ranks: Mapping[bytes, int], path) -> None:
     """Write `ranks` as `base64(token) rank` lines, atomically (temp file + rename)."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(
         f"{base64.b64encode(tok).decode('ascii')} {rank}\n"

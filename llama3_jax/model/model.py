@@ -3,9 +3,10 @@
 Layer parameters are stacked along a leading `layers` axis and the blocks run as one
 `jax.lax.scan`, so compile time does not grow with depth. Parameters keep Meta's names
 and Meta's rotary layout (q/k features rotate in adjacent pairs); the Hugging Face layout
-is converted in `llama3_jax.checkpoint`. Every parameter carries logical axis names
+is converted in `llama3_jax.formats.hf`. Every parameter carries logical axis names
 (`axes` metadata) and the main activations are annotated with `constrain`; which mesh
-axes those names map to is decided in `llama3_jax.sharding`, never here.
+axes those names map to is decided by the rule table in `llama3_jax.parallel.sharding`,
+never here.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama3_jax.attention import attention
 from llama3_jax.config import ModelConfig, dtype_of
-from llama3_jax.sharding import constrain
+from llama3_jax.model.attention import attention
+from llama3_jax.parallel.sharding import constrain
 
 # Logical axis names of every parameter, by name. Layer parameters lead with "layers".
 PARAM_AXES = {
@@ -51,6 +52,26 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_embeddings:
         shapes["output"] = (d, V)
     return shapes
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameter count from the config's shapes (no allocation)."""
+    return sum(math.prod(shape) for shape in param_shapes(cfg).values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) plus causal attention.
+
+    The embedding lookup and the norms are no matmuls, so they are left out of N (the
+    output head is in, tied or not). Attention: QK^T and AV are 2 matmuls of
+    2*seq*head_dim*heads FLOPs per token forward; causal masking halves the useful work;
+    x3 for forward+backward.
+    """
+    shapes = param_shapes(cfg)
+    n_matmul = sum(math.prod(shapes[k]) for k in ("wq", "wk", "wv", "wo", "w1", "w3", "w2"))
+    n_matmul += cfg.vocab_size * cfg.dim  # the output head
+    attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 3 * 2 * 2 * s * h * hd / 2
+    return 6.0 * n_matmul + attn
 
 
 def rope_frequencies(cfg: ModelConfig) -> jnp.ndarray:

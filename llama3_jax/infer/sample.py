@@ -1,4 +1,7 @@
-"""Sampling from a model's parameters (a fixed-shape loop: one compile, no KV cache)."""
+"""Sampling from a model's parameters (a fixed-shape loop: one compile, no KV cache).
+
+Call it under `jax.set_mesh(mesh)` when the parameters live on a mesh: the model's
+activation constraints then follow the same rules as in training."""
 
 from __future__ import annotations
 

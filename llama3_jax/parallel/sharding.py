@@ -6,7 +6,7 @@ row-major over that shape, so the tensor axis is innermost, as in the paper's
 group with 1, a CP group with 2, a PP group with 4 and a DP group with 8. On real
 accelerators `jax.make_mesh` orders devices so that inner axes land on the fastest links.
 
-Each parallelism lives in RULES (and, for the pipeline, in `llama3_jax.pipeline`):
+Each parallelism lives in RULES (and, for the pipeline, in `llama3_jax.train.pipeline`):
 - data parallel (dp, replicated) and FSDP (fsdp, ZeRO-3): "batch" over both; parameter
   "embed" dims over fsdp, so parameters, gradients and optimizer state are sharded.
 - tensor parallel (tp, Megatron): heads, kv_heads, mlp and vocab over tp.
@@ -14,22 +14,29 @@ Each parallelism lives in RULES (and, for the pipeline, in `llama3_jax.pipeline`
   over tp as well as cp, so the norms and residual adds are not replicated over tp.
 - context parallel (cp): "seq" over cp; "kv_seq" (keys and values) is gathered.
 - pipeline (pp): stored "layers" split over pp in blocks; "stage" is the pipeline's
-  stage dimension inside the step (see `llama3_jax.pipeline`).
+  stage dimension inside the step (see `llama3_jax.train.pipeline`).
 A dimension that a mesh axis does not divide (kv_heads < tp) is replicated over it, and a
 mesh axis is used at most once per array (activations' "embed" is not split over fsdp,
-which the batch already uses).
+which the batch already uses). Each parameter dimension replicated that way is logged once.
+
+The mesh is JAX's ambient mesh: code that runs the model on a mesh enters
+`jax.set_mesh(mesh)`, and `constrain` (called by the model at trace time) reads it with
+`jax.sharding.get_abstract_mesh()`. Outside a mesh `constrain` does nothing (one device).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
 import math
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("dp", "fsdp", "pp", "cp", "tp")
+from llama3_jax.config import MESH_AXES, MeshConfig
+
+log = logging.getLogger(__name__)
 
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("dp", "fsdp")),
@@ -46,43 +53,58 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ("pp",)),
     ("stage", ("pp",)),
 )
+_TABLE = dict(RULES)
 
-_active: list[tuple[Mesh, dict]] = []
+
+def logical_to_spec(names, shape, mesh) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry logical `names`, on a
+    mesh or abstract mesh (axes that are manual there, as inside `shard_map`, are skipped)."""
+    return _spec(tuple(names), tuple(shape), _mesh_shape(mesh))[0]
 
 
-def logical_to_spec(names, shape, mesh: Mesh, rules=RULES) -> PartitionSpec:
-    """PartitionSpec for an array of `shape` whose dimensions carry logical `names`."""
-    table = dict(rules)
+def _mesh_shape(mesh) -> tuple[tuple[str, int], ...]:
+    """(axis, size) of the mesh's axes that sharding rules may use: not manual, size > 1."""
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+    return tuple((a, n) for a, n in mesh.shape.items() if n > 1 and types.get(a) != AxisType.Manual)
+
+
+def _spec(names, shape, mesh_shape) -> tuple[PartitionSpec, list[tuple[int, str]]]:
+    """(spec, [(dimension, axis) replicated because the axis does not divide it])."""
+    sizes = dict(mesh_shape)
     used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape):
-        if name is not None and name not in table:
+    spec, dropped = [], []
+    for dim, (name, size) in enumerate(zip(names, shape)):
+        if name is not None and name not in _TABLE:
             raise KeyError(f"logical axis {name!r} has no sharding rule")
-        axes = [a for a in (table[name] if name else ()) if a not in used and mesh.shape[a] > 1]
+        axes = [a for a in (_TABLE[name] if name else ()) if a not in used and a in sizes]
         # Replicate over trailing axes that do not divide the dimension (kv_heads < tp).
-        while axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes.pop()
+        while axes and size % math.prod(sizes[a] for a in axes):
+            dropped.append((dim, axes.pop()))
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
-    return PartitionSpec(*spec)
+    return PartitionSpec(*spec), dropped
 
 
-@contextlib.contextmanager
-def use_mesh_rules(mesh: Mesh, rules=RULES):
-    """Within this context (at trace time), `constrain` pins activations to the mesh."""
-    _active.append((mesh, rules))
-    try:
-        yield mesh
-    finally:
-        _active.pop()
+def param_sharding(name: str, names, shape, mesh: Mesh) -> NamedSharding:
+    """A parameter's sharding; each dimension a mesh axis cannot divide is logged once."""
+    spec, dropped = _spec(tuple(names), tuple(shape), _mesh_shape(mesh))
+    for dim, axis in dropped:
+        _log_replicated(name, dim, names[dim], shape[dim], axis, mesh.shape[axis])
+    return NamedSharding(mesh, spec)
+
+
+@functools.cache
+def _log_replicated(name, dim, logical, size, axis, axis_size) -> None:
+    log.warning("parameter %s: dimension %d (%s, size %d) is not divisible by mesh axis %s=%d, so it "
+                "is replicated over %s", name, dim, logical, size, axis, axis_size, axis)
 
 
 def constrain(x, names):
-    """Annotate an activation with logical axis names; a no-op outside `use_mesh_rules`."""
-    if not _active:
+    """Pin an activation to the ambient mesh by its logical axis names (no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    mesh, rules = _active[-1]
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
 
 
 def make_mesh(dp=1, fsdp=1, pp=1, cp=1, tp=1, devices=None) -> Mesh:
@@ -91,42 +113,16 @@ def make_mesh(dp=1, fsdp=1, pp=1, cp=1, tp=1, devices=None) -> Mesh:
     With `devices` given, they are laid out row-major (tp innermost: exactly the paper's
     groups). Otherwise `jax.make_mesh` orders all devices so that the inner axes land on
     the fastest interconnect (NVLink inside a node, the ICI torus on TPU); on CPU that is
-    the same row-major order. Axes are Auto: sharding follows the logical-axis rules.
+    the same row-major order. Axes are Auto (`jax.make_mesh` defaults to Explicit):
+    sharding follows the logical-axis rules.
     """
     auto = (AxisType.Auto,) * len(MESH_AXES)
     n = len(jax.devices()) if devices is None else len(devices)
-    sizes = resolve_axis_sizes(dict(dp=dp, fsdp=fsdp, pp=pp, cp=cp, tp=tp), n)
+    sizes = MeshConfig(dp=dp, fsdp=fsdp, pp=pp, cp=cp, tp=tp).resolve(n)
     shape = tuple(sizes[a] for a in MESH_AXES)
     if devices is None:
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(list(devices), dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
-
-
-def resolve_axis_sizes(sizes: dict, n_devices: int) -> dict:
-    from llama3_jax.config import ConfigError
-    wild = [a for a, s in sizes.items() if s == -1]
-    if len(wild) > 1:
-        raise ConfigError(f"only one mesh axis may be -1, got {', '.join(wild)}")
-    for a, s in sizes.items():
-        if s == 0 or s < -1:
-            raise ConfigError(f"mesh.{a}={s} must be a positive size (or -1 for the rest)")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if wild:
-        if n_devices % fixed:
-            raise ConfigError(f"the mesh's fixed axes multiply to {fixed}, which does not divide the "
-                              f"{n_devices} devices; change the mesh file's sizes")
-        sizes = {**sizes, wild[0]: n_devices // fixed}
-    elif fixed != n_devices:
-        raise ConfigError(
-            f"mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
-            f"{n_devices} are available; change the mesh file (or set one axis to -1)")
-    return sizes
-
-
-def shardings_for(names_tree, shapes_tree, mesh: Mesh, rules=RULES):
-    """NamedShardings for a tree of parameters from their logical names and shapes."""
-    return jax.tree.map(lambda names, shape: NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)),
-                        names_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

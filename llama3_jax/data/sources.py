@@ -1,0 +1,263 @@
+"""Documents from data sources, by random access: whole text files, JSONL lines (a field),
+Parquet rows (a column), and the default corpus. Grain reads them through `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import pathlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llama3_jax.config import ConfigError, DataConfig, DataSource, check_source
+from llama3_jax.data.corpus import default_corpus_files
+
+
+def resolve_kind(source: DataSource) -> str:
+    """The source's kind; "auto" decides from the suffix (.jsonl/.json, .parquet, else text)."""
+    kind = source.kind.lower()
+    if kind != "auto":
+        return kind
+    suffix = pathlib.Path(source.path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    return "text"
+
+
+def _expand_paths(source: DataSource) -> list[pathlib.Path]:
+    path = pathlib.Path(source.path).expanduser()
+    if path.is_dir():
+        files = sorted((p for p in path.rglob(source.glob) if p.is_file()),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise ConfigError(
+                f"data source {str(path)!r} yields no documents: no files match "
+                f"glob {source.glob!r} in this folder (searched recursively); add files "
+                f"or change the source's `glob`")
+        return files
+    return [path]
+
+
+class TextFiles:
+    """Random-access documents: one whole UTF-8 text file each."""
+
+    def __init__(self, paths: Sequence[pathlib.Path]):
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.paths[i], encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def __repr__(self) -> str:
+        return f"TextFiles({len(self.paths)} files)"
+
+
+def _line_spans(path: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of the non-empty lines of a file, read in chunks."""
+    newlines = []
+    size = 0
+    with open(path, "rb") as f:
+        while buf := f.read(chunk):
+            newlines.append(np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) + size)
+            size += len(buf)
+    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [size]]).astype(np.int64)
+    keep = ends > starts
+    return starts[keep], ends[keep]
+
+
+class JsonlLines:
+    """Random-access documents: the `field` of each line of JSONL files."""
+
+    def __init__(self, paths: Sequence[pathlib.Path], field: str):
+        self.paths = [str(p) for p in paths]
+        self.field = field
+        self._starts, self._ends, counts = [], [], [0]
+        for p in self.paths:
+            s, e = _line_spans(p)
+            # Whitespace-only lines (e.g. "\r" or "  ") are no documents either.
+            keep = np.ones(len(s), bool)
+            if len(s):
+                with open(p, "rb") as f:
+                    for j in np.flatnonzero((e - s) <= 8).tolist():
+                        f.seek(int(s[j]))
+                        keep[j] = bool(f.read(int(e[j] - s[j])).strip())
+            self._starts.append(s[keep])
+            self._ends.append(e[keep])
+            counts.append(counts[-1] + int(keep.sum()))
+        self._cum = counts
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        if self._cum[-1] == 0:
+            where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
+            raise ConfigError(f"JSONL data source {where} yields no documents: it has no "
+                             f"non-empty lines; give a JSONL file with one JSON object per line")
+        self[0]  # Fail early on a wrong `field` (other lines are checked as they are read).
+
+    def __len__(self) -> int:
+        return self._cum[-1]
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_fds"] = {}
+        d["_lock"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def _fd(self, k: int) -> int:
+        fd = self._fds.get(k)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(k)
+                if fd is None:
+                    fd = os.open(self.paths[k], os.O_RDONLY)
+                    self._fds[k] = fd
+        return fd
+
+    def _line_number(self, k: int, start: int) -> int:
+        with open(self.paths[k], "rb") as f:
+            return f.read(start).count(b"\n") + 1
+
+    def __getitem__(self, i: int) -> str:
+        k = bisect.bisect_right(self._cum, i) - 1
+        j = i - self._cum[k]
+        start, end = int(self._starts[k][j]), int(self._ends[k][j])
+        raw = os.pread(self._fd(k), end - start, start)
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{self.paths[k]}:{self._line_number(k, start)}: not valid JSON "
+                             f"({e}); JSONL sources need one JSON object per line") from None
+        if not isinstance(obj, dict) or self.field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ConfigError(
+                f"{self.paths[k]}:{self._line_number(k, start)}: JSON line has no field "
+                f"{self.field!r} (found: {keys}); set the source's `field` to the key that "
+                f"holds the document text, or fix the line")
+        text = obj[self.field]
+        if not isinstance(text, str):
+            raise ConfigError(f"{self.paths[k]}:{self._line_number(k, start)}: field "
+                             f"{self.field!r} is a {type(text).__name__}, not a string")
+        return text
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"JsonlLines({len(self)} lines, field={self.field!r})"
+
+
+class ParquetRows:
+    """Random-access documents: a string column of Parquet files (read with pyarrow).
+
+    The column of a file is loaded on first access and kept in memory (per process).
+    """
+
+    def __init__(self, paths: Sequence[pathlib.Path], field: str):
+        import pyarrow.parquet as pq
+        self.paths = [str(p) for p in paths]
+        self.field = field
+        counts = [0]
+        for p in self.paths:
+            try:
+                meta = pq.ParquetFile(p)
+            except Exception as e:  # pyarrow raises ArrowInvalid etc.
+                raise ConfigError(f"{p}: cannot read as Parquet ({e}); set the source's "
+                                 f"`kind` if this is not a Parquet file") from None
+            names = meta.schema_arrow.names
+            if field not in names:
+                raise ConfigError(f"{p}: Parquet file has no column {field!r} (columns: "
+                                 f"{names}); set the source's `field` to the text column")
+            counts.append(counts[-1] + meta.metadata.num_rows)
+        self._cum = counts
+        self._columns: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        if self._cum[-1] == 0:
+            raise ConfigError(f"Parquet data source {self.paths[0]!r} yields no documents: "
+                             f"it has no rows")
+
+    def __len__(self) -> int:
+        return self._cum[-1]
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_columns"] = {}
+        d["_lock"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def _column(self, k: int):
+        col = self._columns.get(k)
+        if col is None:
+            with self._lock:
+                col = self._columns.get(k)
+                if col is None:
+                    import pyarrow.parquet as pq
+                    col = pq.read_table(self.paths[k], columns=[self.field]).column(0)
+                    col = col.combine_chunks()
+                    self._columns[k] = col
+        return col
+
+    def __getitem__(self, i: int) -> str:
+        k = bisect.bisect_right(self._cum, i) - 1
+        text = self._column(k)[i - self._cum[k]].as_py()
+        if text is None:
+            return ""
+        if isinstance(text, bytes):
+            return text.decode("utf-8", errors="replace")
+        if not isinstance(text, str):
+            raise ConfigError(f"{self.paths[k]}: column {self.field!r} holds "
+                             f"{type(text).__name__} values, not text")
+        return text
+
+    def __repr__(self) -> str:
+        return f"ParquetRows({len(self)} rows, field={self.field!r})"
+
+
+def document_source(source: DataSource):
+    """A random-access sequence of the source's documents (strings)."""
+    check_source(source)
+    kind = resolve_kind(source)
+    paths = _expand_paths(source)
+    if kind == "text":
+        return TextFiles(paths)
+    if kind == "jsonl":
+        return JsonlLines(paths, source.field)
+    return ParquetRows(paths, source.field)
+
+
+def open_sources(data: DataConfig) -> list[tuple[str, object, float]]:
+    """(name, documents, weight) of every configured source (each file indexed once), or
+    of the default corpus when none is configured."""
+    if not data.sources:
+        return [("<default corpus>", _default_corpus_source(), 1.0)]
+    return [(s.path, document_source(s), float(s.weight)) for s in data.sources]
+
+
+def _default_corpus_source():
+    files = default_corpus_files()
+    if not files:
+        raise ConfigError("the default corpus is empty: this Python has no standard library "
+                         ".py sources; set [data] sources to your own text/JSONL/Parquet data")
+    return TextFiles(files)

@@ -1,0 +1,155 @@
+"""Pretrain Llama 3. With no arguments, trains a small model on this Python's standard library.
+
+    llama3-train --config CONFIG --mesh MESH --steps N --out DIR [section.key=value ...]
+    python train.py ...          (the same, from a checkout)
+
+Running the same command again with the same --out resumes from the latest checkpoint.
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import time
+
+from llama3_jax.config import ConfigError, load_config, load_mesh
+from llama3_jax.parallel import distributed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="llama3-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="debug", help="preset name in configs/ or a .toml path")
+    p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (default: one device)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--out", default="runs/default", help="run directory: metrics, checkpoints, plots")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
+    # Fake CPU devices must be requested before JAX starts; real accelerators ignore this.
+    processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // processes)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+    from tqdm import tqdm
+
+    from llama3_jax.data import ShardedBatches
+    from llama3_jax.formats import run as run_dir
+    from llama3_jax.formats.weights import check_same_model, load_params, open_source
+    from llama3_jax.infer.sample import sample
+    from llama3_jax.model import flops_per_token, param_count
+    from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
+    from llama3_jax.train.step import Trainer, param_shardings
+
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    out = pathlib.Path(args.out)
+    tc = cfg.train
+
+    # --- validate everything before compiling or touching the run directory
+    trainer = Trainer(cfg, mesh_cfg)
+    # The default BPE depends on this Python's stdlib, so a run keeps its own copy and
+    # resumes (or exports) with it on any machine.
+    tok = run_dir.run_tokenizer(cfg, out)
+    if tok is None:
+        raise ConfigError(f"{out} holds a converted checkpoint without a tokenizer; set data.tokenizer")
+    if tok.n_words > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
+    init_source = open_source(tc.init_from) if tc.init_from else None
+    if init_source is not None:
+        check_same_model(init_source, cfg.model, f"train.init_from={tc.init_from}")
+    batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    out.mkdir(parents=True, exist_ok=True)
+    kept = out / "tokenizer.model"
+    if not cfg.data.tokenizer and not kept.exists() and is_main:
+        shutil.copyfile(tok.path, kept)
+
+    # --- state: resume from the latest checkpoint, else initialise (optionally from weights)
+    mngr = run_dir.manager(out, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    restored = run_dir.restore_latest(mngr, trainer.abstract_state(), log=log)
+    if restored:
+        start, state, data_state = restored
+        batches.set_state(data_state)
+        log(f"resumed {out} at step {start}")
+    else:
+        start, init_params = 0, None
+        if init_source is not None:
+            init_params = load_params(init_source, param_shardings(cfg.model, trainer.mesh), cfg.model.param_dtype)
+            log(f"initialised weights from {tc.init_from}")
+        state = trainer.init_state(params=init_params)
+
+    # --- preemption: SIGTERM finishes the current step, saves, and exits
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    tokens_per_step = tc.global_batch * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(jax.devices()[0], tc.peak_flops_per_device)
+    log(f"model {args.config}: {param_count(cfg.model) / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token; "
+        f"mesh {trainer.sizes} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    writer = MetricsWriter(out, resume_step=start, enabled=is_main)
+    bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    step = start
+    while step < tc.steps and not stop:
+        batch = trainer.put(next(batches))
+        t0 = time.perf_counter()
+        state, m = trainer(state, batch)
+        m = jax.device_get(m)
+        dt = time.perf_counter() - t0
+        step += 1
+        tps = tokens_per_step / dt
+        tflops = flops_tok * tps / jax.device_count() / 1e12
+        writer.write({"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                      "lr": float(m["lr"]), "tokens": step * tokens_per_step, "step_time_s": dt,
+                      "tokens_per_s": tps, "tflops_per_device": tflops,
+                      "mfu": tflops * 1e12 / peak if peak else None})
+        if mngr.should_save(step):
+            run_dir.save(mngr, step, state, batches.gather_state(), cfg)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:,.0f}")
+    bar.close()
+    if step not in mngr.all_steps():
+        run_dir.save(mngr, step, state, batches.gather_state(), cfg, force=True)
+    mngr.wait_until_finished()
+    writer.close()
+    if stop:
+        log(f"SIGTERM: saved checkpoint at step {step} in {run_dir.checkpoint_dir(out)}; exiting")
+        return 143
+
+    # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
+    prompt = tok.encode(tc.sample_prompt, bos=True)
+    with jax.set_mesh(trainer.mesh):
+        ids = sample(state["params"], cfg.model, prompt, tc.sample_tokens, seed=tc.seed, stop_ids=(tok.eos_id,))
+    if is_main:
+        png = plot_loss(out)
+        print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")
+        print(f"checkpoints: {run_dir.checkpoint_dir(out)} (steps {sorted(mngr.all_steps())})")
+        print(f"loss curve:  {png}")
+        print(f"sample:      {tc.sample_prompt + tok.decode(ids)!r}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    """Entry point of `llama3-train` and train.py: bad input is one `error:` line, exit 2."""
+    try:
+        return main(argv)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,189 @@
+"""The train step: AdamW with warmup + cosine, gradient accumulation, sharded state, and
+`Trainer`, the one set-up of a run on a mesh (validate, mesh, state, jitted step, batches).
+
+State is a plain dict {"params", "opt_state", "step"}; parameters are stored in
+`model.param_dtype` and the forward pass casts them to `model.compute_dtype`. One jitted
+step with donated state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from llama3_jax import config as config_lib
+from llama3_jax.config import Config, MeshConfig, ModelConfig, TrainConfig
+from llama3_jax.model import PARAM_AXES, Llama, loss_sum, param_shapes
+from llama3_jax.parallel import sharding as shd
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def lr_schedule(tc: TrainConfig):
+    """Linear warmup to the peak, then cosine decay to final_lr_fraction x peak."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.final_lr_fraction)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    # Weight decay skips the norm gains (1-D parameters), as in Llama's recipe.
+    decay_mask = lambda params: {k: v.ndim > 1 for k, v in params.items()}  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                    weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+# ---------------------------------------------------------------- state and shardings
+
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+    return {name: shd.param_sharding(name, PARAM_AXES[name], shape, mesh)
+            for name, shape in param_shapes(cfg).items()}
+
+
+def abstract_state(cfg: Config, mesh):
+    """ShapeDtypeStructs with shardings for the whole train state (no allocation)."""
+    opt = make_optimizer(cfg.train)
+    p_sh = param_shardings(cfg.model, mesh)
+    params = {k: jax.ShapeDtypeStruct(s, jnp.dtype(cfg.model.param_dtype), sharding=p_sh[k])
+              for k, s in param_shapes(cfg.model).items()}
+    opt_state = jax.eval_shape(opt.init, params)
+    # Moments follow their parameter's sharding; counters are replicated.
+    opt_sh = optax.tree_map_params(opt, lambda _, s: s, opt_state, p_sh,
+                                   transform_non_params=lambda _: shd.replicated(mesh))
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_state, opt_sh)
+    return {"params": params, "opt_state": opt_state,
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))}
+
+
+def state_shardings(abstract):
+    return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, shd.logical_to_spec(("batch", "seq"), (0, 0), mesh))
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Random tokens, one document per row (for benchmarks)."""
+    tok = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    return dict(tokens=tok[:, :-1], targets=tok[:, 1:], segment_ids=np.ones((batch, seq_len), np.int32),
+                positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+                loss_mask=np.ones((batch, seq_len), np.float32))
+
+
+# ---------------------------------------------------------------- the step
+
+def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig):
+    """Un-jitted `step(state, batch) -> (state, metrics)`; trace it under `jax.set_mesh`.
+
+    The global batch splits into `train.micro_batches` micro-batches whose summed losses
+    and gradients accumulate in float32; dividing once by the batch's token count makes
+    the update identical to one large batch.
+    """
+    opt = make_optimizer(cfg.train)
+    schedule = lr_schedule(cfg.train)
+    micro = cfg.train.micro_batches
+    if mesh.shape["pp"] > 1:
+        from llama3_jax.train import pipeline
+        grad_fn = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
+    else:
+        def grad_fn(params, batch):
+            return jax.value_and_grad(loss_sum)(params, batch, cfg.model)
+
+    def step(state, batch):
+        params = state["params"]
+        if micro == 1:
+            loss, grads = grad_fn(params, batch)
+        else:
+            split = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+
+            def accumulate(carry, mb):
+                loss, grads = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zero, split)
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        updates, opt_state = opt.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {"loss": loss / n_tokens, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"]), "tokens": n_tokens}
+        return new_state, metrics
+
+    return step
+
+
+class Trainer:
+    """A config set up on a mesh: the one entry point of train.py, the tests and benchmarks.
+
+    `Trainer(cfg, mesh_cfg)` validates everything (`config.validate`) before anything is
+    compiled, builds the mesh (over `devices`, default all) and the jitted step. Then:
+    `init_state()` or `abstract_state()`, `put(host_batch)` (this process's rows onto the
+    mesh), `trainer(state, batch) -> (state, metrics)`, and `lower(state, batch)`.
+    """
+
+    def __init__(self, cfg: Config, mesh_cfg: MeshConfig | None = None, devices=None,
+                 process_count: int | None = None):
+        self.cfg = cfg
+        self.mesh_cfg = mesh_cfg or MeshConfig()
+        devices = list(jax.devices() if devices is None else devices)
+        self.sizes = config_lib.validate(cfg, self.mesh_cfg, len(devices),
+                                         jax.process_count() if process_count is None else process_count)
+        self.mesh = shd.make_mesh(**self.sizes, devices=devices)
+        self._abstract = abstract_state(cfg, self.mesh)
+        shardings = state_shardings(self._abstract)
+        b_sh = batch_sharding(self.mesh)
+        self._jitted = jax.jit(make_step(cfg, self.mesh, self.mesh_cfg), donate_argnums=0,
+                               in_shardings=(shardings, {k: b_sh for k in BATCH_KEYS}),
+                               out_shardings=(shardings, shd.replicated(self.mesh)))
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with shardings for the train state (no allocation)."""
+        return self._abstract
+
+    def init_state(self, params: dict | None = None, seed: int | None = None):
+        """A fresh train state created directly sharded; `params` (already on the mesh,
+        e.g. from `load_params`) replace the random initialisation."""
+        cfg, opt = self.cfg, make_optimizer(self.cfg.train)
+        seed = cfg.train.seed if seed is None else seed
+
+        @functools.partial(jax.jit, out_shardings=state_shardings(self._abstract))
+        def init(key, given):
+            p = given if given is not None else Llama(cfg.model, rngs=nnx.Rngs(key)).param_arrays()
+            return {"params": p, "opt_state": opt.init(p), "step": jnp.zeros((), jnp.int32)}
+
+        with jax.set_mesh(self.mesh):
+            return init(jax.random.key(seed), params)
+
+    def put(self, batch: dict) -> dict:
+        """This process's rows onto the mesh, sequences reordered for context parallelism."""
+        cp = self.sizes["cp"]
+        if cp > 1:
+            order = shd.cp_order(batch["tokens"].shape[1], cp)
+            batch = {k: v[:, order] for k, v in batch.items()}
+        sh = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+    def abstract_batch(self) -> dict:
+        """ShapeDtypeStructs of the global batch (for ahead-of-time compiles)."""
+        shape, sh = (self.cfg.train.global_batch, self.cfg.data.seq_len), batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
+                for k in BATCH_KEYS}
+
+    def __call__(self, state, batch):
+        with jax.set_mesh(self.mesh):
+            return self._jitted(state, batch)
+
+    def lower(self, state, batch):
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(state, batch)
