@@ -510,3 +510,53 @@ def test_row_shuffle_spreads_long_documents_and_resumes_exactly(tmp_path):
     for a, b in zip(want, (next(again) for _ in range(30))):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+# ------------------------------------------------------------------------------ data shards
+
+
+def test_sharded_batches_open_each_source_once(tmp_path, monkeypatch):
+    from llama3_jax.data import ShardedBatches, sources
+    src = DataSource(path=str(write_jsonl(tmp_path / "d.jsonl", [f"doc {i}" for i in range(40)])))
+    indexed = []
+    real = sources._line_spans
+    monkeypatch.setattr(sources, "_line_spans", lambda path, *a: indexed.append(path) or real(path, *a))
+    batches_ = ShardedBatches(DataConfig(sources=(src,), shards=8), TOK, global_batch=8, seq_len=16)
+    assert len(batches_.iterators) == 8 and indexed == [str(tmp_path / "d.jsonl")]
+    check_batch_format(next(batches_), 8, 16)
+
+
+def test_sharded_batches_resume_exactly_on_another_process_count(three_sources):
+    """What data.shards is for: a run saved by one process resumes on two (and back) and
+    reads exactly the global batches the uninterrupted run reads."""
+    from llama3_jax.data import ShardedBatches
+    sources, _ = three_sources
+    data = DataConfig(sources=sources, seed=3, shards=4)
+    kw = dict(global_batch=8, seq_len=32, prefetch=0)
+    one = ShardedBatches(data, TOK, **kw)
+    head = [next(one) for _ in range(3)]
+    state = json.loads(json.dumps(one.get_state()))  # process 0 of 1 holds every shard
+    want = [next(one) for _ in range(4)]
+
+    two = [ShardedBatches(data, TOK, process_index=i, process_count=2, **kw) for i in range(2)]
+    for p in two:
+        p.set_state(state)
+        assert len(p.iterators) == 2  # shards 2i and 2i+1
+    got = []
+    for _ in range(2):
+        parts = [next(p) for p in two]  # rows of process 0, then process 1: the global batch
+        got.append({k: np.concatenate([parts[0][k], parts[1][k]]) for k in KEYS})
+    assert_batches_equal(got, want[:2])
+    merged = {**two[0].get_state(), **two[1].get_state()}  # what gather_state collects
+    back = ShardedBatches(data, TOK, **kw)
+    back.set_state(json.loads(json.dumps(merged)))
+    assert_batches_equal([next(back) for _ in range(2)], want[2:])
+    assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(head, want))
+
+
+def test_sharded_batches_refuse_a_shard_count_that_does_not_fit(three_sources):
+    from llama3_jax.config import ConfigError
+    from llama3_jax.data import ShardedBatches
+    sources, _ = three_sources
+    with pytest.raises(ConfigError, match="data.shards=3 must be a multiple of the 2 process"):
+        ShardedBatches(DataConfig(sources=sources, shards=3), TOK, global_batch=6, seq_len=32, process_count=2)

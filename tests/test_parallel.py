@@ -218,3 +218,17 @@ def test_gradient_accumulation_equals_one_large_batch(reference):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for name in ref_params:
         np.testing.assert_allclose(params[name], ref_params[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_replicated_parameter_dimensions_are_logged_once(caplog):
+    """fsdp=3 cannot split dim 64, so every parameter's embed dimension stays whole: each
+    such dimension is named once, however often shardings are computed."""
+    cfg = load_config("debug-tiny", BASE + ["train.global_batch=6"])
+    with caplog.at_level("WARNING", logger="llama3_jax.parallel.sharding"):
+        p = trainer_on(cfg, dict(fsdp=3)).init_state()["params"]
+        trainer_on(cfg, dict(fsdp=3))
+    assert p["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, None)
+    lines = [r.getMessage() for r in caplog.records]
+    want = "parameter wq: dimension 1 (embed, size 64) is not divisible by mesh axis fsdp=3"
+    assert sum(want in line for line in lines) == 1, lines
+    assert len(lines) == len(set(lines)) and any(line.startswith("parameter output:") for line in lines)

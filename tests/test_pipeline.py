@@ -269,7 +269,8 @@ def test_loop_saves_activations_not_weights(remat):
     mesh = shd.make_mesh(pp=2, devices=jax.devices()[:2])
     grad_fn = pipeline.make_grad_fn(cfg, mesh, MeshConfig(pp=2, pp_microbatches=4))
     T = grad_fn.plan.iterations
-    params = {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in trainer_on(cfg, {}).abstract_state()["params"].items()}
+    abstract = trainer_on(cfg, {}).abstract_state()["params"]
+    params = {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in abstract.items()}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in fixed_batch().items()}
     with jax.set_mesh(mesh):
         text = str(jax.make_jaxpr(grad_fn)(params, batch))
