@@ -4,7 +4,8 @@
 
 Writes random weights of the preset's shapes as a Hugging Face directory (bfloat16, as
 released), then times `llama3-convert` from-hf, to-hf, to-meta and from-meta, each in its
-own process, and prints a table of wall time and peak resident memory (ru_maxrss). It
+own process, and prints a table of wall time and peak resident memory (the process's
+VmHWM: unlike ru_maxrss, it does not count what the forking parent held). It
 checks that to-hf gives back byte-identical safetensors. Outputs that are no longer needed
 are deleted as it goes (an 8B model needs about 64 GB of disk at the peak).
 
@@ -14,6 +15,7 @@ are deleted as it goes (an 8B model needs about 64 GB of disk at the peak).
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import pathlib
 import resource
@@ -64,15 +66,16 @@ def random_hf(preset: str, out, *, overrides=(), dtype="bfloat16", max_shard_byt
 
 def measured(*argv) -> tuple[float, float]:
     """(seconds, peak GiB) of `llama3-convert ARGV` in a fresh process."""
-    code = ("import resource, sys; from llama3_jax.formats.convert import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    code = ("import sys; from llama3_jax.formats.convert import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))); "
+            "sys.exit(rc)")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
                        cwd=pathlib.Path(__file__).resolve().parents[1])
     seconds = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"llama3-convert {' '.join(map(str, argv))} failed:\n{p.stderr[-3000:]}")
-    kib = int(next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("MAXRSS")))
+    kib = int(next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("PEAK")))
     return seconds, kib / 2**20
 
 
@@ -96,7 +99,7 @@ def main():
     for label, argv in steps:
         rows.append((label, *measured(*argv)))
         if argv[0] == "to-hf":
-            same = all((d / "hf" / f.name).read_bytes() == f.read_bytes() for f in (d / "hf2").glob("*.safetensors"))
+            same = all(filecmp.cmp(d / "hf" / f.name, f, shallow=False) for f in (d / "hf2").glob("*.safetensors"))
             print(f"to-hf output byte-identical to the input: {same}", flush=True)
             shutil.rmtree(d / "hf2")
             shutil.rmtree(d / "hf")

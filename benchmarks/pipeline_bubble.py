@@ -44,7 +44,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from llama3_jax.config import MeshConfig, load_config
+    from llama3_jax.config import ConfigError, MeshConfig, load_config
     from llama3_jax.train import pipeline
     from llama3_jax.train.step import Trainer, synthetic_batch
 
@@ -72,7 +72,11 @@ def main() -> None:
     base_ms = None
     for pp, v, m in grid:
         mesh_cfg = MeshConfig(pp=pp, pp_microbatches=m, pp_virtual_stages=v)
-        trainer = Trainer(cfg, mesh_cfg, devices=jax.devices()[:pp])
+        try:
+            trainer = Trainer(cfg, mesh_cfg, devices=jax.devices()[:pp])
+        except ConfigError as e:  # e.g. --layers that pp * V stages cannot divide
+            print(f"{pp:>2} {v:>2} {m:>2} skipped: {e}", flush=True)
+            continue
         state = trainer.init_state()
         batch = trainer.put(host)
         t0 = time.perf_counter()

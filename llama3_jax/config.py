@@ -291,6 +291,7 @@ def from_dict(d: dict) -> Config:
 
 
 MESH_AXES = ("dp", "fsdp", "pp", "cp", "tp")  # outermost first: TP innermost, as in the paper
+FAKE_DEVICES_HINT = " (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N fake devices)"
 
 
 @dataclass(frozen=True)
@@ -328,12 +329,12 @@ class MeshConfig:
         if wild:
             if n_devices % fixed:
                 raise ConfigError(f"the mesh's fixed axes multiply to {fixed}, which does not divide the "
-                                  f"{n_devices} devices; change the mesh file's sizes")
+                                  f"{n_devices} devices; change the mesh file's sizes{FAKE_DEVICES_HINT}")
             return {**sizes, wild[0]: n_devices // fixed}
         if fixed != n_devices:
             raise ConfigError(
                 f"mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
-                f"{n_devices} are available; change the mesh file (or set one axis to -1)")
+                f"{n_devices} are available; change the mesh file (or set one axis to -1){FAKE_DEVICES_HINT}")
         return sizes
 
 

@@ -61,3 +61,28 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     got = [r["loss"] for r in read_metrics(multi)]
     assert len(got) == 6
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_resuming_on_another_process_count_explains_data_shards(tmp_path):
+    """The README's two-process example run where a one-process run left its checkpoints:
+    a one-line error that names data.shards, not a traceback."""
+    mesh = tmp_path / "fsdp8.toml"
+    mesh.write_text("[mesh]\ndp = 2\nfsdp = 4\n")
+    args = [a for a in ARGS if not a.startswith("data.shards")]  # the default: a shard per process
+    base = [sys.executable, str(REPO / "train.py"), "--mesh", str(mesh), "--out", str(tmp_path / "run"), *args]
+    first = subprocess.run(base + ["--steps", "2"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    base += ["--steps", "4", "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert "data was read as 1 shard(s), but this run splits it into 2" in err and "data.shards" in err, err
+
+
+def test_readme_multi_host_example_has_its_own_out():
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("### Multi-host"):readme.index("## Export and import")]
+    commands = [line for line in block.splitlines() if line.startswith("python train.py")]
+    assert len(commands) == 2 and all("--out runs/two-process" in c for c in commands), commands

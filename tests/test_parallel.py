@@ -185,19 +185,19 @@ def test_mesh_minus_one_takes_remaining_devices():
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
-    from llama3_jax.formats import run as checkpointing
+    from llama3_jax.formats import run
     cfg = load_config("debug-tiny", BASE)
     batch = fixed_batch()
     _, _, state = one_step(cfg, dict(fsdp=8), batch)
     saved = jax.device_get(state)
-    mngr = checkpointing.manager(tmp_path, async_save=False)
-    checkpointing.save(mngr, 1, state, {"0": {}}, cfg)
+    mngr = run.manager(tmp_path, async_save=False)
+    run.save(mngr, 1, state, {"0": {}}, cfg)
     mngr.wait_until_finished()
 
     losses = []
     for sizes in (dict(tp=2, fsdp=4), dict()):
         trainer = trainer_on(cfg, sizes)
-        step, restored, data_state = checkpointing.restore_latest(mngr, trainer.abstract_state())
+        step, restored, data_state = run.restore_latest(mngr, trainer.abstract_state())
         assert step == 1 and data_state == {"0": {}}
         want = trainer.abstract_state()
         for k in restored["params"]:

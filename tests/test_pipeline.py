@@ -207,7 +207,7 @@ def test_pipeline_counts_must_be_positive(mesh, message):
 # ---------------------------------------------------------------- checkpoints, HLO, memory
 
 def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
-    from llama3_jax.formats import run as checkpointing
+    from llama3_jax.formats import run
     cfg = load_config("debug-tiny", DEEP)
     _, params, state, _ = cached_step(CASES[0][0])
     abstract = trainer_on(cfg, {}).abstract_state()
@@ -220,10 +220,10 @@ def test_pipelined_state_has_the_mesh_independent_layout(tmp_path):
     assert "pp" in str(wq.sharding.spec[0])
     assert wq.addressable_shards[0].data.shape[0] == 8 // CASES[0][0]["pp"]
     assert mu.sharding.spec == wq.sharding.spec
-    mngr = checkpointing.manager(tmp_path, async_save=False)
-    checkpointing.save(mngr, 1, state, {}, cfg, force=True)
+    mngr = run.manager(tmp_path, async_save=False)
+    run.save(mngr, 1, state, {}, cfg, force=True)
     mngr.wait_until_finished()
-    step, restored, _ = checkpointing.restore_latest(checkpointing.manager(tmp_path, read_only=True), abstract)
+    step, restored, _ = run.restore_latest(run.manager(tmp_path, read_only=True), abstract)
     assert step == 1
     for name in params:
         assert restored["params"][name].sharding.device_set == {jax.devices()[0]}

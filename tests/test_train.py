@@ -185,3 +185,85 @@ def test_paper_16_mesh_trains_like_one_device(uninterrupted, tmp_path):
     assert "on 16 cpu device(s)" in p.stdout
     want = [v for _, v in losses(uninterrupted)[:5]]
     np.testing.assert_allclose([v for _, v in losses(out)], want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- what a newcomer types
+
+def test_out_that_cannot_be_a_run_directory(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for out, message in [(afile, "is a file; give a directory"), (afile / "run", "runs through"),
+                         (pathlib.Path("/sys/llama3-jax-run"), "is not writable")]:
+        p = run(out, 2, check=False)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert afile.read_text() == "mine"
+
+
+def test_resume_with_changed_steps_or_data_says_what_happens(uninterrupted, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(uninterrupted, out)
+    p = run(out, STEPS - 10, check=False)  # below the run's step: nothing to train
+    assert p.returncode == 2 and f"--steps {STEPS - 10} is below the run's step {STEPS}" in p.stderr, p.stderr
+    p = run(out, STEPS, "data.seed=7", check=False)
+    assert p.returncode == 2 and "data.seed: saved 0, now 7" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run(out, STEPS + 4)  # more steps: the cosine schedule stretches, and the run says so
+    assert f"train.steps changed from {STEPS} to {STEPS + 4}" in p.stdout and "learning rate at step" in p.stdout
+    assert "WARNING:absl" not in p.stderr  # Orbax's notes about optional metadata files stay out
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 5))
+    assert all((out / "checkpoints" / str(s)).exists() for s in (STEPS, STEPS + 4))
+
+
+def write_config(path, sources):
+    lines = [f'base = "{REPO / "configs" / "debug-tiny.toml"}"']
+    for src, weight in sources:
+        lines += ["[[data.sources]]", f'path = "{src}"', f"weight = {weight}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_sources_are_counted_and_empty_ones_refused(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"document {i} " * 40)
+    (docs / "latin1.txt").write_bytes("café crème brûlée ".encode("latin-1") * 20)
+    (tmp_path / "empty.txt").write_text("")
+    for sources in ([(tmp_path / "empty.txt", 1.0)], [(docs, 0.5), (tmp_path / "empty.txt", 0.5)]):
+        cfg = write_config(tmp_path / "cfg.toml", sources)
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--out", str(tmp_path / "bad"),
+                            "--steps", "1"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "empty.txt' has no text" in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()
+    cfg = write_config(tmp_path / "cfg.toml", [(docs, 3.0), (REPO / "configs", 1.0)])
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--out", str(tmp_path / "ok"),
+                        "--steps", "1", "train.sample_tokens=1"], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = p.stdout.splitlines()
+    row = next(line for line in table if str(docs)[-30:] in line)
+    assert row.split()[1:3] == ["7", "7"] and "75.0%" in row  # 7 files, 7 documents, 3/(3+1) of the tokens
+    assert any("configs" in line and "25.0%" in line for line in table)
+    assert "1 of its 7 documents have bytes that are not UTF-8" in p.stdout
+
+
+def test_init_from_a_hugging_face_directory_and_a_bad_one(tmp_path):
+    """train.init_from takes a Hugging Face directory directly (each device reads its
+    shard); a bad init_from stops before --out is created."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      max_position_embeddings=512)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    p = run(tmp_path / "bad", 1, f"train.init_from={tmp_path / 'nowhere'}", check=False)
+    assert p.returncode == 2 and "nowhere does not exist" in p.stderr and not (tmp_path / "bad").exists()
+    p = run(tmp_path / "bad", 1, f"train.init_from={tmp_path / 'hf'}", "model.n_layers=3", check=False)
+    assert p.returncode == 2 and "shapes differ from this model config" in p.stderr
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "from_hf"
+    run(out, 1, f"train.init_from={tmp_path / 'hf'}", "train.lr=0")
+    from llama3_jax.formats.hf import HFSource
+    want, got = HFSource(tmp_path / "hf"), final_params(out)
+    for name in got:
+        np.testing.assert_array_equal(got[name], want.read(name), err_msg=name)

@@ -161,8 +161,8 @@ class DataIterator:
 
     def get_state(self) -> dict:
         """JSON-serialisable position in the stream (after the batches returned so far)."""
-        return {"version": _STATE_VERSION, "identity": dict(self._identity),
-                "grain": _to_json(self._it.get_state())}
+        identity = {k: v for k, v in self._identity.items() if k != "data_legacy"}
+        return {"version": _STATE_VERSION, "identity": identity, "grain": _to_json(self._it.get_state())}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator made with the same arguments."""
@@ -172,15 +172,18 @@ class DataIterator:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')!r} is not "
                              f"{_STATE_VERSION}; it was written by another version of data.py")
-        old = state.get("identity", {})
-        diff = sorted(k for k in set(old) | set(self._identity)
-                      if old.get(k) != self._identity.get(k))
-        if diff:
-            details = "; ".join(f"{k}: saved {old.get(k)!r}, now {self._identity.get(k)!r}"
-                                for k in diff)
-            raise ValueError("cannot resume the data iterator: the data pipeline differs from "
-                             f"the one that saved the state ({details}); resume with the same "
-                             "data config, batch, seq_len, processes and workers")
+        old, now = state.get("identity", {}), self._identity
+        explained = ("data", "data_config", "data_legacy")  # compared below, by settings
+        diff = sorted(k for k in set(old) | set(now) if k not in explained and old.get(k) != now.get(k))
+        details = [f"{k}: saved {old.get(k)!r}, now {now.get(k)!r}" for k in diff]
+        if old.get("data") not in (now["data"], now["data_legacy"]):
+            saved_cfg, cfg = old.get("data_config") or {}, now["data_config"]
+            changed = sorted(k for k in set(saved_cfg) | set(cfg) if saved_cfg.get(k) != cfg.get(k))
+            details.insert(0, "; ".join(f"data.{k}: saved {saved_cfg.get(k)!r}, now {cfg.get(k)!r}" for k in changed)
+                           if saved_cfg else "the [data] settings (sources, seed, tokenizer or row shuffle)")
+        if details:
+            raise ConfigError("cannot resume the data where the checkpoint left it: the data pipeline differs "
+                              f"({'; '.join(details)}); resume with the saved settings, or start a new --out")
         self._it.set_state(_from_json(state["grain"]))
 
     def close(self) -> None:
@@ -202,12 +205,17 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _fingerprint(data: DataConfig) -> str:
-    """What in the data config decides the stream (seq_len is recorded separately)."""
+def _data_settings(data: DataConfig) -> dict:
+    """What in the data config decides a shard's stream (seq_len and the shard count are
+    recorded on their own)."""
     d = dataclasses.asdict(data)
     d.pop("seq_len", None)
-    blob = json.dumps(d, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    d.pop("shards", None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: int | None = None,
@@ -288,9 +296,13 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
-    identity = {"data": _fingerprint(data), "rows": rows, "seq_len": seq_len,
+    settings = _data_settings(data)
+    identity = {"data": _fingerprint(settings), "rows": rows, "seq_len": seq_len,
                 "process_index": process_index, "process_count": process_count,
-                "epoch_loop": epoch_loop, "worker_count": worker_count}
+                "epoch_loop": epoch_loop, "worker_count": worker_count, "data_config": settings,
+                # States saved before the shard count left the fingerprint (llama3_jax <= 0.1
+                # hashed data.shards too) still resume.
+                "data_legacy": _fingerprint({**settings, "shards": data.shards})}
     return DataIterator(ds, rows=rows, seq_len=seq_len, identity=identity)
 
 
@@ -309,7 +321,8 @@ class ShardedBatches:
         shards = data.shards or process_count
         per_process = shards // process_count
         self.shard_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
-        sources = open_sources(data)
+        self.sources = sources = open_sources(data)
+        self.shards, self.data_shards = shards, data.shards
         self.iterators = [make_iterator(data, tokenizer, global_batch=global_batch, seq_len=seq_len,
                                         process_index=s, process_count=shards, sources=sources, **kw)
                           for s in self.shard_ids]
@@ -326,10 +339,13 @@ class ShardedBatches:
         return {str(s): it.get_state() for s, it in zip(self.shard_ids, self.iterators)}
 
     def set_state(self, state: dict) -> None:
-        missing = [s for s in self.shard_ids if str(s) not in state]
-        if missing:
-            raise ValueError(f"the checkpoint's data state has no entry for shard(s) {missing}; "
-                             f"it was saved with another data.shards ({sorted(state)})")
+        saved = len(state)
+        if saved != self.shards or any(str(s) not in state for s in self.shard_ids):
+            default = ", one per process" if not self.data_shards else ""
+            raise ConfigError(
+                f"the checkpoint's data was read as {saved} shard(s), but this run splits it into {self.shards} "
+                f"(data.shards={self.data_shards}{default}); to resume exactly, set data.shards={saved} and run "
+                f"on a number of processes that divides {saved}, or start a new --out")
         for s, it in zip(self.shard_ids, self.iterators):
             it.set_state(state[str(s)])
 

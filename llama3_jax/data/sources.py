@@ -256,8 +256,9 @@ def open_sources(data: DataConfig) -> list[tuple[str, object, float]]:
 
 
 def _default_corpus_source():
-    files = default_corpus_files()
+    # Empty files (package __init__.py) would be documents of BOS and EOS alone.
+    files = [f for f in default_corpus_files() if f.stat().st_size > 0]
     if not files:
         raise ConfigError("the default corpus is empty: this Python has no standard library "
-                         ".py sources; set [data] sources to your own text/JSONL/Parquet data")
+                          ".py sources; set [data] sources to your own text/JSONL/Parquet data")
     return TextFiles(files)

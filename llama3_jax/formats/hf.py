@@ -22,15 +22,13 @@ import numpy as np
 from llama3_jax.config import ConfigError, ModelConfig, dtype_of
 from llama3_jax.formats.bpe import (check_tokenizer_fits, is_tiktoken_file, ranks_from_tokenizer_json,
                                     write_hf_tokenizer)
-from llama3_jax.formats.source import (Source, finish_output, from_torch_layout, kind_hint, need_dir, pwrite,
-                                       start_output, tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
+from llama3_jax.formats.source import (REMAP_BYTES, Source, finish_output, from_torch_layout, kind_hint, need_dir,
+                                       pwrite, start_output, tensor_names, to_torch_layout, torch_shape,
+                                       torch_to_numpy)
 from llama3_jax.formats.tokenizer import write_tiktoken_file
 from llama3_jax.model import LAYER_PARAMS, param_shapes
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-# Memory-mapped inputs are re-opened after this many bytes were read from them, so the pages
-# read (file-backed, but counted in the process's resident memory) do not accumulate.
-REMAP_BYTES = 2**30
 
 HF_NAMES = {
     "embed": "model.embed_tokens.weight",

@@ -30,8 +30,8 @@ import numpy as np
 
 from llama3_jax.config import ConfigError, ModelConfig, dtype_of, load_config
 from llama3_jax.formats.bpe import check_tokenizer_fits, is_tiktoken_file, load_tokenizer
-from llama3_jax.formats.source import (Source, finish_output, from_torch_layout, kind_hint, need_dir, start_output,
-                                       tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
+from llama3_jax.formats.source import (REMAP_BYTES, Source, finish_output, from_torch_layout, kind_hint, need_dir,
+                                       start_output, tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
 from llama3_jax.model import param_shapes
 
 META_NAMES = {
@@ -53,9 +53,6 @@ META_SPLIT_DIM = {"embed": 0, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "
                   "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None, "norm": None}
 # Meta's hard-coded llama3 RoPE scaling constants (besides the factor).
 META_ROPE = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_position": 8192}
-# Memory-mapped shards are re-opened after this many bytes were read or written through them,
-# so the pages touched (file-backed, but counted in the process's resident memory) do not pile up.
-REMAP_BYTES = 2**30
 
 
 def meta_rope_defaults(dims: dict) -> dict:

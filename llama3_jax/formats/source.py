@@ -19,6 +19,10 @@ import numpy as np
 from llama3_jax.config import ConfigError, ModelConfig
 from llama3_jax.model import LAYER_PARAMS, param_shapes
 
+# Memory-mapped files are re-opened after this many bytes were read or written through them,
+# so the pages touched (file-backed, but counted in the process's resident memory) do not pile up.
+REMAP_BYTES = 2**30
+
 
 class Source:
     """Our parameters from somewhere; subclasses set `model` and implement `layer` (one layer

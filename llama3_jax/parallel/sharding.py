@@ -64,7 +64,7 @@ def logical_to_spec(names, shape, mesh) -> PartitionSpec:
 
 def _mesh_shape(mesh) -> tuple[tuple[str, int], ...]:
     """(axis, size) of the mesh's axes that sharding rules may use: not manual, size > 1."""
-    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
     return tuple((a, n) for a, n in mesh.shape.items() if n > 1 and types.get(a) != AxisType.Manual)
 
 

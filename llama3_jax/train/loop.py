@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from llama3_jax.config import ConfigError, load_config, load_mesh
@@ -32,6 +33,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_out_dir(out: pathlib.Path) -> None:
+    """A clear error, before anything is compiled or created, when --out cannot be a run
+    directory: a file, a path through a file, or a place this process cannot write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (new, or an earlier run to resume)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out} runs through {parent}, which is a file; give a directory")
+    try:  # the only sure test of writability (read-only mounts, root, quotas): write something
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".llama3-jax-write-test-"))
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({parent}: {e.strerror}); choose a directory you can "
+                          "write") from None
+
+
+def resume_notes(saved_train, tc, start: int, log) -> None:
+    """One line for each change of train.steps on resume that alters what the run does."""
+    from llama3_jax.train.step import lr_schedule
+    if tc.steps < start:
+        raise ConfigError(f"--steps {tc.steps} is below the run's step {start}, so there is nothing to train; "
+                          f"give --steps above {start} to train further (checkpoints are kept)")
+    if tc.steps == start:
+        log(f"the run is already at step {start} = --steps; nothing to train (give more --steps to continue)")
+    elif saved_train.steps != tc.steps:
+        was, now = float(lr_schedule(saved_train)(start)), float(lr_schedule(tc)(start))
+        log(f"note: train.steps changed from {saved_train.steps} to {tc.steps}: the cosine schedule now decays "
+            f"over {tc.steps} steps, so the learning rate at step {start} moves from {was:.3g} to {now:.3g}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
@@ -45,6 +77,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from llama3_jax.data import ShardedBatches
+    from llama3_jax.data.report import describe_sources, format_report
     from llama3_jax.formats import run as run_dir
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
     from llama3_jax.infer.sample import sample
@@ -58,6 +91,7 @@ def main(argv=None) -> int:
     tc = cfg.train
 
     # --- validate everything before compiling or touching the run directory
+    check_out_dir(out)
     trainer = Trainer(cfg, mesh_cfg)
     # The default BPE depends on this Python's stdlib, so a run keeps its own copy and
     # resumes (or exports) with it on any machine.
@@ -72,6 +106,9 @@ def main(argv=None) -> int:
         check_same_model(init_source, cfg.model, f"train.init_from={tc.init_from}")
     batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
                              process_index=jax.process_index(), process_count=jax.process_count())
+    run_tokens = tc.steps * tc.global_batch * cfg.data.seq_len
+    for line in format_report(describe_sources(batches.sources, tok, run_tokens=run_tokens)):
+        log(line)
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "tokenizer.model"
     if not cfg.data.tokenizer and not kept.exists() and is_main:
@@ -83,6 +120,7 @@ def main(argv=None) -> int:
     if restored:
         start, state, data_state = restored
         batches.set_state(data_state)
+        resume_notes(run_dir.read_config(out, start)[0].train, tc, start, log)
         log(f"resumed {out} at step {start}")
     else:
         start, init_params = 0, None
