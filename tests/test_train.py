@@ -230,8 +230,9 @@ def test_data_sources_are_counted_and_empty_ones_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     for sources in ([(tmp_path / "empty.txt", 1.0)], [(docs, 0.5), (tmp_path / "empty.txt", 0.5)]):
         cfg = write_config(tmp_path / "cfg.toml", sources)
-        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--out", str(tmp_path / "bad"),
-                            "--steps", "1"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--out",
+                            str(tmp_path / "bad"), "--steps", "1"], cwd=REPO, env=env(), capture_output=True, text=True,
+                           timeout=300)
         assert p.returncode == 2 and "empty.txt' has no text" in p.stderr, p.stderr[-2000:]
         assert not (tmp_path / "bad").exists()
     cfg = write_config(tmp_path / "cfg.toml", [(docs, 3.0), (REPO / "configs", 1.0)])
