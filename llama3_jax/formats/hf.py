@@ -14,7 +14,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import sys
 
 import numpy as np
@@ -22,9 +21,8 @@ import numpy as np
 from llama3_jax.config import ConfigError, ModelConfig, dtype_of
 from llama3_jax.formats.bpe import (check_tokenizer_fits, is_tiktoken_file, ranks_from_tokenizer_json,
                                     write_hf_tokenizer)
-from llama3_jax.formats.source import (REMAP_BYTES, Source, finish_output, from_torch_layout, kind_hint, need_dir,
-                                       pwrite, start_output, tensor_names, to_torch_layout, torch_shape,
-                                       torch_to_numpy)
+from llama3_jax.formats.source import (REMAP_BYTES, Source, from_torch_layout, kind_hint, need_dir, new_output,
+                                       pwrite, tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
 from llama3_jax.formats.tokenizer import write_tiktoken_file
 from llama3_jax.model import LAYER_PARAMS, param_shapes
 
@@ -306,8 +304,8 @@ def write_hf(source: Source, out, *, dtype: str = "bfloat16", max_shard_bytes: i
     cfg, nd = source.model, dtype_of(dtype)
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, cfg)
-    out, tmp = start_output(out)
-    try:
+    out = pathlib.Path(out).resolve()
+    with new_output(out) as tmp:
         entries = []  # (our name, layer, hf name, shape, nbytes), in the order the source yields
         for name in param_shapes(cfg):
             shape = torch_shape(name, cfg)
@@ -347,10 +345,6 @@ def write_hf(source: Source, out, *, dtype: str = "bfloat16", max_shard_bytes: i
                                                                indent=2))
         if tokenizer is not None:
             write_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.max_seq_len)
-        finish_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}: {len(entries)} tensors in {n} safetensors file(s), {dtype}"
         + (", with tokenizer" if tokenizer is not None else ""))
     return out

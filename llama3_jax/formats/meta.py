@@ -30,8 +30,8 @@ import numpy as np
 
 from llama3_jax.config import ConfigError, ModelConfig, dtype_of, load_config
 from llama3_jax.formats.bpe import check_tokenizer_fits, is_tiktoken_file, load_tokenizer
-from llama3_jax.formats.source import (REMAP_BYTES, Source, finish_output, from_torch_layout, kind_hint, need_dir,
-                                       start_output, tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
+from llama3_jax.formats.source import (REMAP_BYTES, Source, from_torch_layout, kind_hint, need_dir, new_output,
+                                       tensor_names, to_torch_layout, torch_shape, torch_to_numpy)
 from llama3_jax.model import param_shapes
 
 META_NAMES = {
@@ -314,8 +314,8 @@ def write_meta(source: Source, out, *, shards: int = 1, dtype: str = "bfloat16",
     params = meta_params(cfg, n_kv_heads=kv * kv_repeat)
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, cfg)
-    out, tmp = start_output(out)
-    try:
+    out = pathlib.Path(out).resolve()
+    with new_output(out) as tmp:
         def shard_shape(name):
             shape = list(torch_shape(name, cfg))
             dim = META_SPLIT_DIM[name]
@@ -337,10 +337,6 @@ def write_meta(source: Source, out, *, shards: int = 1, dtype: str = "bfloat16",
         (tmp / "params.json").write_text(json.dumps(params, indent=2))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        finish_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}: {shards} shard(s), {dtype}" + (f", kv heads repeated x{kv_repeat}" if kv_repeat > 1 else "")
         + (", with tokenizer.model" if tokenizer is not None else ""))
     return out

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from llama3_jax.config import Config, ConfigError, DataConfig, dtype_of, from_dict, to_dict
 from llama3_jax.formats.bpe import check_tokenizer_fits, default_tokenizer, load_tokenizer
-from llama3_jax.formats.source import Source, finish_output, kind_hint, need_dir, start_output
+from llama3_jax.formats.source import Source, kind_hint, need_dir, new_output
 from llama3_jax.formats.tokenizer import Tokenizer
 from llama3_jax.model import LAYER_PARAMS, param_shapes
 
@@ -263,8 +263,8 @@ def write_orbax(source: Source, out, *, dtype: str = "float32", tokenizer: pathl
     cfg.validate()
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, cfg)
-    out, tmp = start_output(out)
-    try:
+    out = pathlib.Path(out).resolve()
+    with new_output(out) as tmp:
         data = DataConfig()
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
@@ -289,10 +289,6 @@ def write_orbax(source: Source, out, *, dtype: str = "float32", tokenizer: pathl
         mngr.wait_until_finished()
         mngr.close()
         (tmp / CONVERT_INFO).write_text(json.dumps({**(info or {}), "tokenizer": tokenizer is not None}, indent=2))
-        finish_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}: llama3_jax checkpoint (step 0), parameters in {dtype}"
         + (", with tokenizer.model" if tokenizer is not None else ""))
     return out

@@ -9,6 +9,7 @@ or a placement onto a mesh never holds a whole model, only a layer or a device's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -136,22 +137,24 @@ def need_dir(path) -> pathlib.Path:
     return path
 
 
-def start_output(out) -> tuple[pathlib.Path, pathlib.Path]:
-    """(final path, temporary sibling to write into); the final path must be new or empty."""
-    out = pathlib.Path(out).resolve()
+@contextlib.contextmanager
+def new_output(out: pathlib.Path):
+    """A new (or empty) output directory, written whole or not at all: yields a temporary
+    sibling to write into, renamed to `out` when the block completes, removed if it fails."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return out, tmp
-
-
-def finish_output(tmp: pathlib.Path, out: pathlib.Path):
-    if out.exists():
-        out.rmdir()  # empty, checked in start_output
-    tmp.rename(out)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def pwrite(fd: int, arr: np.ndarray, offset: int):
