@@ -43,6 +43,7 @@ class ConfigError(ValueError):
 # The dtypes a config may name (parameters, compute, exports).
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "xla_chunked", "jax_nn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_attn_out", "offload")
 
 
 def dtype_of(name: str):
@@ -74,8 +75,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"  # xla | xla_chunked | jax_nn (see model/attention.py)
-    # "none" keeps activations; "full" recomputes each block in the backward pass.
+    # What the backward pass keeps of each block (the rest is recomputed): none (everything),
+    # full (only the block input), save_dots, save_qkv_proj, save_attn_out, offload (to host).
     remat: str = "full"
+    # Positions per chunk of the loss: the output projection and cross-entropy run over
+    # chunks of the sequence, recomputed in the backward pass, so [batch, seq, vocab] float32
+    # logits never exist whole. 0 = the whole sequence at once.
+    loss_chunk: int = 0
     init_std: float = 0.02
 
     @property
@@ -100,8 +106,10 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.remat not in ("none", "full"):
-            raise ConfigError(f"model.remat must be 'none' or 'full', got {self.remat!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk={self.loss_chunk} must be 0 (off) or a chunk of positions")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"model.attention_impl={self.attention_impl!r} unknown; choose one of "
                               f"{', '.join(ATTENTION_IMPLS)}")
@@ -160,6 +168,9 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0
     sample_tokens: int = 48
     sample_prompt: str = "def "
+    # JAX's persistent compilation cache, so a restart does not compile again: a folder,
+    # "" for $LLAMA3_JAX_CACHE/xla (default ~/.cache/llama3_jax/xla), or "off".
+    compile_cache: str = ""
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,9 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
         raise ConfigError(f"data.seq_len={seq} must be divisible by 2*cp={2 * cp} for context parallelism")
     if seq % (cp * tp):
         raise ConfigError(f"data.seq_len={seq} must be divisible by cp*tp={cp * tp} (sequence parallelism)")
+    if m.loss_chunk and (seq % m.loss_chunk or m.loss_chunk % cp):
+        raise ConfigError(f"model.loss_chunk={m.loss_chunk} must divide data.seq_len={seq} and be divisible by "
+                          f"cp={cp}")
     if pp > 1:  # pipeline settings first: the batch checks below divide by them
         _check_pipeline(m, mesh_cfg, pp)
     if t.global_batch < 1 or t.micro_batches < 1:

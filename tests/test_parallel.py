@@ -1,5 +1,7 @@
 """Sharded training steps against the one-device step, on 8 fake CPU devices."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -232,3 +234,41 @@ def test_replicated_parameter_dimensions_are_logged_once(caplog):
     want = "parameter wq: dimension 1 (embed, size 64) is not divisible by mesh axis fsdp=3"
     assert sum(want in line for line in lines) == 1, lines
     assert len(lines) == len(set(lines)) and any(line.startswith("parameter output:") for line in lines)
+
+
+def collectives(hlo: str):
+    """(kind, output shapes, computation) of every collective in compiled HLO text."""
+    out, computation = [], None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():
+            computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+        m = re.search(r"= (.+?) (all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all)(?:-start)?\(",
+                      line)
+        if m:
+            shapes = tuple(s.split("{")[0] for s in re.findall(r"[fsbu]\d+\[[\d,]*\]", m.group(1)))
+            out.append((m.group(2), shapes, computation))
+    return out
+
+
+def test_fsdp_gathers_one_layer_at_a_time_and_tp_never_gathers_weights():
+    """FSDP gathers each layer's weights inside the layer loops (forward and backward),
+    never all layers' stacked weights at once; the global ones (the output head) once.
+    Tensor parallelism never gathers a weight: only activations and token ids move."""
+    from llama3_jax.model import LAYER_PARAMS, param_shapes
+    cfg = load_config("debug-tiny", BASE)
+    shapes = {n: "f32[" + ",".join(map(str, s)) + "]" for n, s in param_shapes(cfg.model).items()}
+    layer = {n: "f32[" + ",".join(map(str, param_shapes(cfg.model)[n][1:])) + "]" for n in LAYER_PARAMS}
+    gathers = [(shape, where) for kind, out, where in collectives(compiled_text(cfg, dict(fsdp=8)))
+               if kind == "all-gather" for shape in out]
+    assert not [g for g in gathers if g[0] in shapes.values() and g[0] not in (shapes["output"], shapes["embed"])]
+    in_loops = sorted(shape for shape, where in gathers if where != "ENTRY")
+    # wq, wk, wv, wo, w1, w3, w2 of one layer, gathered by the forward loop and again by the backward one.
+    want = [layer[n] for n in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")]
+    assert in_loops == sorted(want * 2), in_loops
+    assert ("f32[64,2048]", "ENTRY") in gathers  # the output head: gathered whole once, as FSDP does
+    tp = [shape for kind, out, _ in collectives(compiled_text(cfg, dict(tp=2))) if kind == "all-gather"
+          for shape in out]
+    assert tp and not set(tp) & (set(shapes.values()) | set(layer.values())), tp
+    # Sequence-parallel activations ([b, s, dim], or [dim, b, s] where the backward pass
+    # gathers the transposed hidden states for a weight gradient) and token ids.
+    assert set(tp) <= {"f32[8,64,64]", "f32[64,8,64]", "s32[8,64,1]"}, tp

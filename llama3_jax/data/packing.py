@@ -349,10 +349,11 @@ class ShardedBatches:
         for s, it in zip(self.shard_ids, self.iterators):
             it.set_state(state[str(s)])
 
-    def gather_state(self) -> dict:
-        """Every process's shard states, merged (a collective: all processes must call it)."""
+    def gather_state(self, local: dict | None = None) -> dict:
+        """Every process's shard states (`local`: this process's, taken earlier with
+        `get_state`), merged. A collective: all processes must call it."""
         import jax
-        local = self.get_state()
+        local = self.get_state() if local is None else local
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils

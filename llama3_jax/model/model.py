@@ -11,11 +11,13 @@ never here.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama3_jax.config import ModelConfig, dtype_of
 from llama3_jax.model.attention import attention
@@ -104,17 +106,14 @@ def rms_norm(x, weight, eps):
     return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig):
-    """One pre-norm transformer block; `p` holds this layer's (unstacked) parameters."""
+def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: bool = True):
+    """One pre-norm transformer block; `p` holds this layer's (unstacked) parameters.
+    `ordered`: the tokens are in sequence order (see `attention`)."""
     cd = x.dtype
-
-    def mm(spec, a, w):
-        return jnp.einsum(spec, a, w.astype(cd))
-
     h = constrain(rms_norm(x, p["attention_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-    q = constrain(mm("bsd,dhk->bshk", h, p["wq"]), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(mm("bsd,dhk->bshk", h, p["wk"]), ("batch", "seq", "kv_heads", "head_dim"))
-    v = constrain(mm("bsd,dhk->bshk", h, p["wv"]), ("batch", "seq", "kv_heads", "head_dim"))
+    q = checkpoint_name(constrain(linear(h, p["wq"].astype(cd)), ("batch", "seq", "heads", "head_dim")), "q_proj")
+    k = checkpoint_name(constrain(linear(h, p["wk"].astype(cd)), ("batch", "seq", "kv_heads", "head_dim")), "k_proj")
+    v = checkpoint_name(constrain(linear(h, p["wv"].astype(cd)), ("batch", "seq", "kv_heads", "head_dim")), "v_proj")
     q = apply_rope(q, cos, sin).astype(cd)
     k = apply_rope(k, cos, sin).astype(cd)
     # Keys and values cover the whole sequence: under context parallelism this constraint
@@ -124,15 +123,80 @@ def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig):
     kv_segment_ids = constrain(segment_ids, ("batch", "kv_seq"))
     kv_positions = constrain(positions, ("batch", "kv_seq"))
     a = attention(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
-                  impl=cfg.attention_impl)
-    a = constrain(a, ("batch", "seq", "heads", "head_dim"))
-    x = x + constrain(mm("bshk,hkd->bsd", a, p["wo"]), ("batch", "seq_sp", "embed"))
+                  impl=cfg.attention_impl, ordered=ordered)
+    a = checkpoint_name(constrain(a, ("batch", "seq", "heads", "head_dim")), "attn_out")
+    x = x + constrain(linear(a, p["wo"].astype(cd), inputs=2), ("batch", "seq_sp", "embed"))
 
     h = constrain(rms_norm(x, p["ffn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-    gate = constrain(mm("bsd,df->bsf", h, p["w1"]), ("batch", "seq", "mlp"))
-    up = constrain(mm("bsd,df->bsf", h, p["w3"]), ("batch", "seq", "mlp"))
-    out = mm("bsf,fd->bsd", jax.nn.silu(gate) * up, p["w2"])
+    out = swiglu(h, p["w1"].astype(cd), p["w3"].astype(cd), p["w2"].astype(cd))
     return x + constrain(out, ("batch", "seq_sp", "embed"))
+
+
+# The matmuls below have written-out backward passes that state which operand is transposed
+# for each weight gradient: autodiff's layout choices on XLA:CPU transposed the larger
+# activation gradients (up to [tokens, ffn]) through slow strided copies, where the hidden
+# states, ffn / dim times smaller, give the same sums.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x, w, inputs: int = 1):
+    """x @ w over the last `inputs` dimensions of x and the first of w (x [b, s, *in], w
+    [*in, *out] -> [b, s, *out])."""
+    return _linear_fwd(x, w, inputs)[0]
+
+
+def _contract(a, b, n: int):
+    """Contract a's last n dimensions with b's first n, without merging dimensions: a merged
+    [b * s] would lose a sequence sharding (context parallelism)."""
+    return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ())))
+
+
+def _linear_fwd(x, w, inputs):
+    return _contract(x, w, inputs), (x, w)
+
+
+def _linear_bwd(inputs, res, dy):
+    x, w = res
+    outs = w.ndim - inputs
+    dx = jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - outs, dy.ndim)), tuple(range(inputs, w.ndim))),
+                                     ((), ())))
+    # [*in, b, s], materialised, contracted over (b, s) with dy [b, s, *out].
+    xt = jax.lax.optimization_barrier(jnp.moveaxis(x, (0, 1), (-2, -1)))
+    return dx, _contract(xt, dy, 2)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@jax.custom_vjp
+def swiglu(h, w1, w3, w2):
+    """The feed-forward network (silu(h @ w1) * (h @ w3)) @ w2, with its backward written out
+    (see above)."""
+    return _swiglu_fwd(h, w1, w3, w2)[0]
+
+
+def _swiglu_fwd(h, w1, w3, w2):
+    gate = checkpoint_name(constrain(jnp.einsum("bsd,df->bsf", h, w1), ("batch", "seq", "mlp")), "mlp_gate")
+    up = checkpoint_name(constrain(jnp.einsum("bsd,df->bsf", h, w3), ("batch", "seq", "mlp")), "mlp_up")
+    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w2), (h, w1, w3, w2, gate, up)
+
+
+def _swiglu_bwd(res, dy):
+    h, w1, w3, w2, gate, up = res
+    barrier = jax.lax.optimization_barrier  # keeps each transpose on the operand written here
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    dact = jnp.einsum("bsd,fd->bsf", dy, w2)
+    dgate = dact * up * sig * (1 + gate * (1 - sig))
+    dup = dact * silu
+    # [dim, b, s] transposes, materialised, contracted over (b, s).
+    ht, dyt = barrier(jnp.moveaxis(h, -1, 0)), barrier(jnp.moveaxis(dy, -1, 0))
+    dw1, dw3 = _contract(ht, dgate, 2), _contract(ht, dup, 2)
+    dw2 = _contract(dyt, silu * up, 2).T
+    dh = jnp.einsum("bsf,df->bsd", dgate, w1) + jnp.einsum("bsf,df->bsd", dup, w3)
+    return dh, dw1, dw3, dw2
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def rope_angles(cfg: ModelConfig, positions):
@@ -140,15 +204,38 @@ def rope_angles(cfg: ModelConfig, positions):
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def run_layers(x, layers: dict, segment_ids, positions, cfg: ModelConfig):
+# Named activations of a block (checkpoint_name above) that remat policies keep or offload.
+REMAT_NAMES = {"save_qkv_proj": ("q_proj", "k_proj", "v_proj"),
+               "save_attn_out": ("q_proj", "k_proj", "v_proj", "attn_out"),
+               "offload": ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up")}
+
+
+def remat_policy(name: str):
+    """What the backward pass keeps of a block's forward (model.remat), the rest recomputed:
+    full: nothing but the block's input; save_dots: every matmul output; save_qkv_proj /
+    save_attn_out: the named projections; offload: those and the MLP's inputs, moved to
+    host memory and back."""
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "save_dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=REMAT_NAMES[name],
+            offload_src="device", offload_dst="pinned_host")
+    return cp.save_only_these_names(*REMAT_NAMES[name])
+
+
+def run_layers(x, layers: dict, segment_ids, positions, cfg: ModelConfig, ordered: bool = True):
     """Scan the stacked blocks in `layers` (each leaf [n, ...]) over the residual stream x."""
     cos, sin = rope_angles(cfg, positions)
 
     def body(carry, p):
-        return block(carry, p, cos, sin, segment_ids, positions, cfg), None
+        return block(carry, p, cos, sin, segment_ids, positions, cfg, ordered), None
 
-    if cfg.remat == "full":
-        body = jax.checkpoint(body, prevent_cse=False)
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg.remat))
     x, _ = jax.lax.scan(body, x, layers)
     return x
 
@@ -162,10 +249,15 @@ def final_hidden(x, norm_weight, cfg: ModelConfig):
     return constrain(rms_norm(x, norm_weight, cfg.norm_eps), ("batch", "seq", "embed"))
 
 
+def output_head(params: dict, cfg: ModelConfig):
+    """The output projection [dim, vocab] (the embedding's transpose when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["output"]
+
+
 def output_logits(h, params: dict, cfg: ModelConfig):
     """float32 logits [b, s, vocab] (vocab sharded under tensor parallelism)."""
-    head = params["embed"].T if cfg.tie_embeddings else params["output"]
-    logits = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bsd,dv->bsv", h, output_head(params, cfg).astype(h.dtype),
+                        preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))
 
 
@@ -177,11 +269,13 @@ def default_segments(tokens, segment_ids, positions):
     return segment_ids, positions
 
 
-def hidden_states(params: dict, tokens, segment_ids, positions, cfg: ModelConfig):
-    """Final-normed hidden states [b, s, dim] from raw parameter arrays (a pure function)."""
+def hidden_states(params: dict, tokens, segment_ids, positions, cfg: ModelConfig, ordered: bool = True):
+    """Final-normed hidden states [b, s, dim] from raw parameter arrays (a pure function).
+    `ordered`: each document's tokens are in sequence order (False after context
+    parallelism's reordering), so attention may skip the blocks after each query block."""
     segment_ids, positions = default_segments(tokens, segment_ids, positions)
     x = embed_tokens(params["embed"], tokens, cfg)
-    x = run_layers(x, {k: params[k] for k in LAYER_PARAMS}, segment_ids, positions, cfg)
+    x = run_layers(x, {k: params[k] for k in LAYER_PARAMS}, segment_ids, positions, cfg, ordered)
     return final_hidden(x, params["norm"], cfg)
 
 

@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the train step ahead of time and report memory, FLOPs and time per device")
+    p.add_argument("--topology", default=None, help="with --compile-only: a TPU topology, e.g. v5p:4x4x4 (libtpu)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
     return p.parse_args(argv)
 
@@ -68,12 +71,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
+    if args.topology and not args.compile_only:
+        raise ConfigError("--topology describes hardware to compile for: add --compile-only")
     # Fake CPU devices must be requested before JAX starts; real accelerators ignore this.
     processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // processes)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not args.topology:
+        distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // processes)
+    if not args.compile_only:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     import jax
+    from llama3_jax.formats.bpe import default_cache_dir
+    # A restart (or the next run of the same shapes) loads the compiled step from disk.
+    cache = cfg.train.compile_cache or str(default_cache_dir() / "xla")
+    if cache != "off":
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from tqdm import tqdm
 
     from llama3_jax.data import ShardedBatches
@@ -84,6 +97,12 @@ def main(argv=None) -> int:
     from llama3_jax.model import flops_per_token, param_count
     from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
     from llama3_jax.train.step import Trainer, param_shardings
+
+    if args.compile_only:
+        from llama3_jax.train import plan
+        devices = plan.topology_devices(args.topology) if args.topology else None
+        print("\n".join(plan.report(plan.plan(cfg, mesh_cfg, devices))))
+        return 0
 
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -140,27 +159,44 @@ def main(argv=None) -> int:
         f"mesh {trainer.sizes} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     writer = MetricsWriter(out, resume_step=start, enabled=is_main)
     bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True)
-    step = start
-    while step < tc.steps and not stop:
-        batch = trainer.put(next(batches))
-        t0 = time.perf_counter()
-        state, m = trainer(state, batch)
-        m = jax.device_get(m)
-        dt = time.perf_counter() - t0
-        step += 1
+
+    def record(step, metrics, dt):
+        m = jax.device_get(metrics)
         tps = tokens_per_step / dt
         tflops = flops_tok * tps / jax.device_count() / 1e12
         writer.write({"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                       "lr": float(m["lr"]), "tokens": step * tokens_per_step, "step_time_s": dt,
                       "tokens_per_s": tps, "tflops_per_device": tflops,
                       "mfu": tflops * 1e12 / peak if peak else None})
-        if mngr.should_save(step):
-            run_dir.save(mngr, step, state, batches.gather_state(), cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:,.0f}")
+
+    # The host never waits on the step it has just dispatched: while step k runs it puts
+    # batch k+1 on the devices and then fetches step k-1's metrics. A step's time is the
+    # time between two steps' results (the first one's includes compiling).
+    step, pending, ready = start, None, time.perf_counter()
+    data_state = batches.get_state()  # the data position after `step` steps, for checkpoints
+    batch = trainer.put(next(batches)) if step < tc.steps else None
+    while step < tc.steps and not stop:
+        state, metrics = trainer(state, batch)
+        step += 1
+        data_state = batches.get_state()
+        if step < tc.steps:
+            batch = trainer.put(next(batches))
+        if pending is not None:
+            jax.block_until_ready(pending[1])
+            now = time.perf_counter()
+            record(*pending, now - ready)
+            ready = now
+        pending = (step, metrics)
+        if mngr.should_save(step):
+            run_dir.save(mngr, step, state, batches.gather_state(data_state), cfg)
+    if pending is not None:
+        jax.block_until_ready(pending[1])
+        record(*pending, time.perf_counter() - ready)
     bar.close()
     if step not in mngr.all_steps():
-        run_dir.save(mngr, step, state, batches.gather_state(), cfg, force=True)
+        run_dir.save(mngr, step, state, batches.gather_state(data_state), cfg, force=True)
     mngr.wait_until_finished()
     writer.close()
     if stop:

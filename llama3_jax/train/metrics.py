@@ -74,17 +74,33 @@ def plot_loss(run_dir) -> pathlib.Path:
     return out
 
 
+# Accelerators by a substring of their device kind, most specific first: peak dense bf16
+# FLOP/s and memory of one device (a GPU, a TPU chip).
+CHIPS = (
+    ("v6 lite", 918e12, 32 * 2**30),   # TPU v6e (Trillium)
+    ("v5 lite", 197e12, 16 * 2**30),   # TPU v5e
+    ("v5", 459e12, 95 * 2**30),        # TPU v5p
+    ("v4", 275e12, 32 * 2**30),        # TPU v4
+    ("h200", 989e12, 141 * 10**9),
+    ("h100", 989e12, 80 * 2**30),
+    ("a100", 312e12, 80 * 2**30),
+)
+
+
+def chip(device) -> tuple[float, int] | None:
+    """(peak bf16 FLOP/s, memory bytes) of a device from its kind, or None if unknown."""
+    kind = device.device_kind.lower()
+    return next(((f, m) for key, f, m in CHIPS if key in kind), None)
+
+
 def peak_flops(device, configured: float = 0.0) -> float | None:
     """Peak dense bf16 FLOP/s of one device, from its kind (None if unknown); on CPU a
     measured float32 matmul rate."""
     if configured:
         return configured
-    kind = device.device_kind.lower()
-    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "v6": 918e12, "v5p": 459e12,
-             "v5 lite": 197e12, "v5e": 197e12, "v4": 275e12}
-    for key, value in table.items():
-        if key in kind:
-            return value
+    known = chip(device)
+    if known:
+        return known[0]
     if device.platform == "cpu":
         return measure_cpu_flops()
     return None

@@ -37,7 +37,8 @@ meaning of `jax.value_and_grad(model.loss_sum)`, computed as a pipeline:
   enter the loop in float32 and are cast to the compute dtype inside each iteration.
 - Rematerialisation (model.remat): "full" checkpoints each (micro-batch, stage)
   computation and keeps only its input activation; "none" keeps every activation, but
-  never the stage weights re-sliced in each iteration.
+  never the stage weights re-sliced in each iteration; the named policies
+  (`model.remat_policy`) keep what they name.
 - Other axes. The loop runs in a `shard_map` that is manual over `pp` only; dp, fsdp,
   cp and tp stay automatic and follow the same `constrain` annotations as without a
   pipeline (the rules are applied on the shard_map's abstract mesh).
@@ -63,9 +64,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, dtype_of
-from llama3_jax.model.loss import cross_entropy
-from llama3_jax.model.model import (LAYER_PARAMS, PARAM_AXES, block, embed_tokens, final_hidden,
-                                    output_logits, rope_angles)
+from llama3_jax.model.loss import head_loss
+from llama3_jax.model.model import (LAYER_PARAMS, PARAM_AXES, block, embed_tokens, final_hidden, remat_policy,
+                                    rope_angles)
 from llama3_jax.parallel import sharding as shd
 
 AXIS = "pp"
@@ -192,9 +193,8 @@ def _keep_activations(prim, *_, **__) -> bool:
 
 
 def _remat(fn, cfg: ModelConfig):
-    if cfg.remat == "full":
-        return jax.checkpoint(fn, prevent_cse=False)
-    return jax.checkpoint(fn, prevent_cse=False, policy=_keep_activations)
+    policy = _keep_activations if cfg.remat == "none" else remat_policy(cfg.remat)
+    return jax.checkpoint(fn, prevent_cse=False, policy=policy)
 
 
 def _varying(tree):
@@ -209,7 +209,7 @@ def _index(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
 
-def _stage_loop(stage_w, x_emb, segment_ids, positions, *, plan: Plan, cfg: ModelConfig, send_perm):
+def _stage_loop(stage_w, x_emb, segment_ids, positions, *, plan: Plan, cfg: ModelConfig, send_perm, ordered):
     """The per-rank program (manual over pp, automatic over the other axes).
 
     stage_w: this rank's [1, V, k, ...] layer params; x_emb: all micro-batches' embedded
@@ -240,7 +240,7 @@ def _stage_loop(stage_w, x_emb, segment_ids, positions, *, plan: Plan, cfg: Mode
         cos, sin = rope_angles(cfg, pos)
 
         def layer(x, lw):
-            return block(x, lw, cos, sin, seg, pos, cfg)
+            return block(x, lw, cos, sin, seg, pos, cfg, ordered)
 
         if plan.light_ends:  # the first and last stage mask their slot 0 away
             x = jnp.where(pad, x, layer(x, _index(w, 0)))
@@ -309,18 +309,18 @@ def pipeline_loss(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan)
     x = split_microbatches(x.astype(jnp.float32), M, ("batch", "seq_sp", "embed"))
     seg, pos, targets, mask = (split_microbatches(batch[k], M, ("batch", "seq"))
                                for k in ("segment_ids", "positions", "targets", "loss_mask"))
-    loop = functools.partial(_stage_loop, plan=plan, cfg=cfg, send_perm=_send_perm(plan))
+    loop = functools.partial(_stage_loop, plan=plan, cfg=cfg, send_perm=_send_perm(plan),
+                             ordered=mesh.shape["cp"] == 1)
     outs = jax.shard_map(loop, mesh=mesh, in_specs=(PartitionSpec(AXIS), PartitionSpec(), PartitionSpec(),
                                                      PartitionSpec()),
                          out_specs=PartitionSpec(AXIS), axis_names={AXIS})(stage_w, x, seg, pos)
     y = outs[(P - 1) * M:]  # the last rank's block: the last stage's outputs
 
-    def head_loss(h, targets, mask):
-        logits = output_logits(final_hidden(h, params["norm"], cfg), params, cfg)
-        return cross_entropy(logits, targets, mask)
+    def micro_loss(h, targets, mask):
+        return head_loss(final_hidden(h, params["norm"], cfg), params, targets, mask, cfg)
 
     # Split the micro-batches' head and loss over the pp ranks when they divide evenly.
-    losses = jax.vmap(head_loss, spmd_axis_name=AXIS if M % P == 0 else None)(y, targets, mask)
+    losses = jax.vmap(micro_loss, spmd_axis_name=AXIS if M % P == 0 else None)(y, targets, mask)
     return jnp.sum(losses)
 
 

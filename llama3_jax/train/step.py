@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama3_jax import config as config_lib
-from llama3_jax.config import Config, MeshConfig, ModelConfig, TrainConfig
+from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig
 from llama3_jax.model import PARAM_AXES, Llama, loss_sum, param_shapes
 from llama3_jax.parallel import sharding as shd
 
@@ -95,8 +95,10 @@ def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig):
         from llama3_jax.train import pipeline
         grad_fn = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
     else:
+        ordered = mesh.shape["cp"] == 1  # context parallelism reorders the tokens (parallel.sharding.cp_order)
+
         def grad_fn(params, batch):
-            return jax.value_and_grad(loss_sum)(params, batch, cfg.model)
+            return jax.value_and_grad(loss_sum)(params, batch, cfg.model, ordered)
 
     def step(state, batch):
         params = state["params"]
@@ -137,6 +139,9 @@ class Trainer:
         self.cfg = cfg
         self.mesh_cfg = mesh_cfg or MeshConfig()
         devices = list(jax.devices() if devices is None else devices)
+        if cfg.model.remat == "offload" and devices[0].platform == "cpu":
+            raise ConfigError("model.remat=offload moves activations to pinned host memory, which CPU devices do "
+                              "not have; on CPU use save_dots, save_attn_out or full")
         self.sizes = config_lib.validate(cfg, self.mesh_cfg, len(devices),
                                          jax.process_count() if process_count is None else process_count)
         self.mesh = shd.make_mesh(**self.sizes, devices=devices)
