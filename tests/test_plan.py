@@ -58,3 +58,12 @@ def test_compile_only_for_a_tpu_topology(tmp_path):
     assert step, out
     seconds = float(step.group(1)) / (1000 if step.group(2) == "ms" else 1)
     assert abs(8 * 64 / seconds / 4 / float(step.group(3).replace(",", "")) - 1) < 0.01  # tokens/s = tokens/step/dev
+
+
+def test_a_plan_the_tpu_compiler_refuses_is_reported_as_not_fitting(tmp_path):
+    """1024 sequences of 8192 tokens on 4 chips: far over 95 GiB, which the TPU compiler
+    refuses outright; the plan says so in a line instead of a traceback."""
+    (tmp_path / "fsdp4.toml").write_text("[mesh]\nfsdp = 4\n")
+    out = compile_only(tmp_path, "--mesh", str(tmp_path / "fsdp4.toml"), "--topology", "v5p:2x2x1",
+                       "data.seq_len=8192", "model.max_seq_len=8192", "train.global_batch=1024", "model.remat=none")
+    assert re.search(r"DOES NOT FIT: .*exceeds available HBM \(9\d\.\d+G\)", out), out

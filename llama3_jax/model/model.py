@@ -111,9 +111,10 @@ def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: boo
     `ordered`: the tokens are in sequence order (see `attention`)."""
     cd = x.dtype
     h = constrain(rms_norm(x, p["attention_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-    q = checkpoint_name(constrain(linear(h, p["wq"].astype(cd)), ("batch", "seq", "heads", "head_dim")), "q_proj")
-    k = checkpoint_name(constrain(linear(h, p["wk"].astype(cd)), ("batch", "seq", "kv_heads", "head_dim")), "k_proj")
-    v = checkpoint_name(constrain(linear(h, p["wv"].astype(cd)), ("batch", "seq", "kv_heads", "head_dim")), "v_proj")
+    q, k, v = linear(h, (p["wq"].astype(cd), p["wk"].astype(cd), p["wv"].astype(cd)))
+    q = checkpoint_name(constrain(q, ("batch", "seq", "heads", "head_dim")), "q_proj")
+    k = checkpoint_name(constrain(k, ("batch", "seq", "kv_heads", "head_dim")), "k_proj")
+    v = checkpoint_name(constrain(v, ("batch", "seq", "kv_heads", "head_dim")), "v_proj")
     q = apply_rope(q, cos, sin).astype(cd)
     k = apply_rope(k, cos, sin).astype(cd)
     # Keys and values cover the whole sequence: under context parallelism this constraint
@@ -125,7 +126,7 @@ def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: boo
     a = attention(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
                   impl=cfg.attention_impl, ordered=ordered)
     a = checkpoint_name(constrain(a, ("batch", "seq", "heads", "head_dim")), "attn_out")
-    x = x + constrain(linear(a, p["wo"].astype(cd), inputs=2), ("batch", "seq_sp", "embed"))
+    x = x + constrain(linear(a, (p["wo"].astype(cd),), 2)[0], ("batch", "seq_sp", "embed"))
 
     h = constrain(rms_norm(x, p["ffn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
     out = swiglu(h, p["w1"].astype(cd), p["w3"].astype(cd), p["w2"].astype(cd))
@@ -138,10 +139,11 @@ def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: boo
 # states, ffn / dim times smaller, give the same sums.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def linear(x, w, inputs: int = 1):
-    """x @ w over the last `inputs` dimensions of x and the first of w (x [b, s, *in], w
-    [*in, *out] -> [b, s, *out])."""
-    return _linear_fwd(x, w, inputs)[0]
+def linear(x, ws: tuple, inputs: int = 1) -> tuple:
+    """x @ w for each w in `ws`, over the last `inputs` dimensions of x and the first of w
+    (x [b, s, *in], w [*in, *out] -> [b, s, *out]). Weights that share an input (wq, wk, wv)
+    go in one call, so the backward pass transposes that input once."""
+    return _linear_fwd(x, ws, inputs)[0]
 
 
 def _contract(a, b, n: int):
@@ -150,18 +152,24 @@ def _contract(a, b, n: int):
     return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ())))
 
 
-def _linear_fwd(x, w, inputs):
-    return _contract(x, w, inputs), (x, w)
+def _transposed(x):
+    """[b, s, *in] -> [*in, b, s], materialised from a materialised x (fused, XLA:CPU
+    recomputed the RMS norm that makes x once per element of the transpose)."""
+    barrier = jax.lax.optimization_barrier
+    return barrier(jnp.moveaxis(barrier(x), (0, 1), (-2, -1)))
 
 
-def _linear_bwd(inputs, res, dy):
-    x, w = res
-    outs = w.ndim - inputs
-    dx = jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - outs, dy.ndim)), tuple(range(inputs, w.ndim))),
-                                     ((), ())))
-    # [*in, b, s], materialised, contracted over (b, s) with dy [b, s, *out].
-    xt = jax.lax.optimization_barrier(jnp.moveaxis(x, (0, 1), (-2, -1)))
-    return dx, _contract(xt, dy, 2)
+def _linear_fwd(x, ws, inputs):
+    return tuple(_contract(x, w, inputs) for w in ws), (x, ws)
+
+
+def _linear_bwd(inputs, res, dys):
+    x, ws = res
+    dx = sum(jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - w.ndim + inputs, dy.ndim)),
+                                          tuple(range(inputs, w.ndim))), ((), ())))
+             for dy, w in zip(dys, ws))
+    xt = _transposed(x)  # contracted over (b, s) with each dy [b, s, *out]
+    return dx, tuple(_contract(xt, dy, 2) for dy in dys)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
@@ -189,7 +197,7 @@ def _swiglu_bwd(res, dy):
     dgate = dact * up * sig * (1 + gate * (1 - sig))
     dup = dact * silu
     # [dim, b, s] transposes, materialised, contracted over (b, s).
-    ht, dyt = barrier(jnp.moveaxis(h, -1, 0)), barrier(jnp.moveaxis(dy, -1, 0))
+    ht, dyt = barrier(jnp.moveaxis(barrier(h), -1, 0)), barrier(jnp.moveaxis(dy, -1, 0))
     dw1, dw3 = _contract(ht, dgate, 2), _contract(ht, dup, 2)
     dw2 = _contract(dyt, silu * up, 2).T
     dh = jnp.einsum("bsf,df->bsd", dgate, w1) + jnp.einsum("bsf,df->bsd", dup, w3)

@@ -46,7 +46,15 @@ def plan(cfg: Config, mesh_cfg: MeshConfig, devices=None) -> dict:
     hosts = len({d.process_index for d in devices})
     trainer = Trainer(cfg, mesh_cfg, devices=devices, process_count=hosts)
     t0 = time.perf_counter()
-    compiled = trainer.lower(trainer.abstract_state(), trainer.abstract_batch()).compile()
+    lowered = trainer.lower(trainer.abstract_state(), trainer.abstract_batch())
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program that cannot fit; that is the plan's answer.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return dict(devices=len(devices), hosts=hosts, kind=devices[0].device_kind, sizes=trainer.sizes,
+                    compile_s=time.perf_counter() - t0, fits=False, refused=str(e).split("RESOURCE_EXHAUSTED: ")[-1])
     compile_s = time.perf_counter() - t0
     mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
@@ -60,7 +68,8 @@ def plan(cfg: Config, mesh_cfg: MeshConfig, devices=None) -> dict:
                outputs=mem.output_size_in_bytes - mem.alias_size_in_bytes, total=total, capacity=capacity,
                fits=None if capacity is None else total <= capacity, xla_flops=cost.get("flops"),
                formula_flops=formula, peak=peak, step_s=None, mfu=None, tokens_per_s_per_device=None)
-    if cost.get("optimal_seconds") and cost.get("flops"):
+    # libtpu answers some topologies (v6e) with a negative "optimal" time: no estimate.
+    if (cost.get("optimal_seconds") or 0) > 0 and cost.get("flops"):
         step = cost["optimal_seconds"] * formula / cost["flops"]
         out.update(step_s=step, tokens_per_s_per_device=tokens / step / n, mfu=formula / step / peak if peak else None)
     return out
@@ -73,8 +82,11 @@ def report(p: dict) -> list[str]:
     def flops(f):
         return f"{f / 1e12:.2f} TFLOP" if f >= 1e12 else f"{f / 1e9:.3f} GFLOP"
 
-    lines = [f"{p['devices']} x {p['kind']} ({p['hosts']} host(s)), mesh "
-             + " ".join(f"{a}={s}" for a, s in p["sizes"].items() if s > 1) + f"; compiled in {p['compile_s']:.1f} s",
+    head = (f"{p['devices']} x {p['kind']} ({p['hosts']} host(s)), mesh "
+            + " ".join(f"{a}={s}" for a, s in p["sizes"].items() if s > 1) + f"; compiled in {p['compile_s']:.1f} s")
+    if p.get("refused"):
+        return [head, f"  DOES NOT FIT: {p['refused'].splitlines()[0]}"]
+    lines = [head,
              "per device:",
              f"  arguments (parameters, optimizer state, batch)  {size(p['arguments'])}",
              f"  XLA temporaries                                  {size(p['temporaries'])}",
