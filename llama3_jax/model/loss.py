@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig
-from llama3_jax.model.model import hidden_states, output_head
+from llama3_jax.model.model import hidden_states, output_head, tokens_last
 from llama3_jax.parallel.sharding import constrain
 
 
@@ -22,8 +22,7 @@ def cross_entropy(logits, targets, loss_mask):
     so vocab-sharded logits are reduced in place and never gathered onto one device."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+    target_logit = jnp.sum(jnp.where(_vocab_ids(logits) == targets[..., None], logits, 0.0), axis=-1)
     return jnp.sum((lse - target_logit) * loss_mask)
 
 
@@ -60,10 +59,8 @@ def _linear_cross_entropy_bwd(res, g):
     dlogits = jax.lax.optimization_barrier(constrain(dlogits, ("batch", "seq", "vocab")))
     dh = jnp.einsum("bsv,dv->bsd", dlogits, head.astype(h.dtype), preferred_element_type=jnp.float32)
     # The weight gradient as (h^T) @ dlogits with h^T materialised (small), so that XLA does not
-    # transpose the [tokens, vocab] gradient instead.
-    # Contracted over (batch, seq) unmerged, which keeps a sequence sharding (CP) in place.
-    dhead = jnp.einsum("dbs,bsv->dv", jax.lax.optimization_barrier(jnp.moveaxis(h, -1, 0)), dlogits,
-                       preferred_element_type=jnp.float32)
+    # transpose the [tokens, vocab] gradient instead; (batch, seq) stay unmerged for CP.
+    dhead = jnp.einsum("dbs,bsv->dv", tokens_last(h), dlogits, preferred_element_type=jnp.float32)
     return dh.astype(h.dtype), dhead.astype(head.dtype), None, None
 
 

@@ -152,9 +152,10 @@ def _contract(a, b, n: int):
     return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ())))
 
 
-def _transposed(x):
+def tokens_last(x):
     """[b, s, *in] -> [*in, b, s], materialised from a materialised x (fused, XLA:CPU
-    recomputed the RMS norm that makes x once per element of the transpose)."""
+    recomputed the RMS norm that makes x once per element of the transpose). The weight
+    gradients contract it over (b, s) with the output gradient."""
     barrier = jax.lax.optimization_barrier
     return barrier(jnp.moveaxis(barrier(x), (0, 1), (-2, -1)))
 
@@ -168,7 +169,7 @@ def _linear_bwd(inputs, res, dys):
     dx = sum(jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - w.ndim + inputs, dy.ndim)),
                                           tuple(range(inputs, w.ndim))), ((), ())))
              for dy, w in zip(dys, ws))
-    xt = _transposed(x)  # contracted over (b, s) with each dy [b, s, *out]
+    xt = tokens_last(x)
     return dx, tuple(_contract(xt, dy, 2) for dy in dys)
 
 
@@ -190,14 +191,13 @@ def _swiglu_fwd(h, w1, w3, w2):
 
 def _swiglu_bwd(res, dy):
     h, w1, w3, w2, gate, up = res
-    barrier = jax.lax.optimization_barrier  # keeps each transpose on the operand written here
     sig = jax.nn.sigmoid(gate)
     silu = gate * sig
     dact = jnp.einsum("bsd,fd->bsf", dy, w2)
     dgate = dact * up * sig * (1 + gate * (1 - sig))
     dup = dact * silu
     # [dim, b, s] transposes, materialised, contracted over (b, s).
-    ht, dyt = barrier(jnp.moveaxis(barrier(h), -1, 0)), barrier(jnp.moveaxis(dy, -1, 0))
+    ht, dyt = tokens_last(h), tokens_last(dy)
     dw1, dw3 = _contract(ht, dgate, 2), _contract(ht, dup, 2)
     dw2 = _contract(dyt, silu * up, 2).T
     dh = jnp.einsum("bsf,df->bsd", dgate, w1) + jnp.einsum("bsf,df->bsd", dup, w3)

@@ -45,6 +45,7 @@ def plan(cfg: Config, mesh_cfg: MeshConfig, devices=None) -> dict:
     devices = list(devices or jax.devices())
     hosts = len({d.process_index for d in devices})
     trainer = Trainer(cfg, mesh_cfg, devices=devices, process_count=hosts)
+    where = dict(devices=len(devices), hosts=hosts, kind=devices[0].device_kind, sizes=trainer.sizes)
     t0 = time.perf_counter()
     lowered = trainer.lower(trainer.abstract_state(), trainer.abstract_batch())
     try:
@@ -53,8 +54,8 @@ def plan(cfg: Config, mesh_cfg: MeshConfig, devices=None) -> dict:
         # The TPU compiler refuses a program that cannot fit; that is the plan's answer.
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return dict(devices=len(devices), hosts=hosts, kind=devices[0].device_kind, sizes=trainer.sizes,
-                    compile_s=time.perf_counter() - t0, fits=False, refused=str(e).split("RESOURCE_EXHAUSTED: ")[-1])
+        return dict(where, compile_s=time.perf_counter() - t0, fits=False,
+                    refused=str(e).split("RESOURCE_EXHAUSTED: ")[-1])
     compile_s = time.perf_counter() - t0
     mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
@@ -63,7 +64,7 @@ def plan(cfg: Config, mesh_cfg: MeshConfig, devices=None) -> dict:
     formula = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / n
     peak, capacity = chip(devices[0]) or (None, None)
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    out = dict(devices=n, hosts=hosts, kind=devices[0].device_kind, sizes=trainer.sizes, compile_s=compile_s,
+    out = dict(where, compile_s=compile_s,
                arguments=mem.argument_size_in_bytes, temporaries=mem.temp_size_in_bytes,
                outputs=mem.output_size_in_bytes - mem.alias_size_in_bytes, total=total, capacity=capacity,
                fits=None if capacity is None else total <= capacity, xla_flops=cost.get("flops"),
