@@ -143,6 +143,10 @@ class DataConfig:
     shards: int = 0
     # Packed rows are shuffled within windows of this many rows (0 or 1 = off).
     shuffle_rows: int = 1024
+    # Unreadable documents (bad JSON, a missing field, text that is not UTF-8) are skipped,
+    # logged once and counted. The run stops (with a checkpoint) once more than 10 different
+    # rows were bad and the bad reads exceed this fraction of all documents read so far.
+    max_bad_row_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,22 @@ class TrainConfig:
     # JAX's persistent compilation cache, so a restart does not compile again: a folder,
     # "" for $LLAMA3_JAX_CACHE/xla (default ~/.cache/llama3_jax/xla), or "off".
     compile_cache: str = ""
+    # A bad step applies no update: a non-finite loss or gradient, or (after spike_warmup
+    # good steps; spike_k = 0 turns it off) a loss above mean + spike_k x std of an
+    # exponential average over about spike_window good steps.
+    spike_k: float = 6.0
+    spike_window: int = 128
+    spike_warmup: int = 100
+    # rollback_after consecutive bad steps (0 = never) reload the last checkpoint from before
+    # them and skip their batches; more than max_rollbacks rollbacks stop the run.
+    rollback_after: int = 3
+    max_rollbacks: int = 3
+    # Batches never trained on: inclusive ranges of 0-based batch indices, e.g. "120-135,400-400".
+    skip_batches: str = ""
+    # The watchdog dumps every thread's stack and exits (code 75) when a step takes longer
+    # than this; the first step, which compiles, gets compile_timeout_s. 0 = off.
+    step_timeout_s: float = 600.0
+    compile_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -448,6 +468,9 @@ def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> N
     if data.shards < 0 or shards % process_count or global_batch % shards:
         raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} process(es) and "
                           f"divide train.global_batch={global_batch}")
+    if not 0 <= data.max_bad_row_fraction <= 1:
+        raise ConfigError(f"data.max_bad_row_fraction must be in [0, 1] (1 = never stop for bad rows), "
+                          f"got {data.max_bad_row_fraction}")
     for source in data.sources:
         check_source(source)
 

@@ -28,9 +28,12 @@ def env():
     return e
 
 
-def train(out, steps, mesh, processes=1):
+CONSTANT_LR = ["train.warmup_steps=0", "train.final_lr_fraction=1.0"]
+
+
+def train(out, steps, mesh, processes=1, extra=()):
     base = [sys.executable, str(REPO / "train.py"), "--mesh", str(mesh), "--out", str(out),
-            "--steps", str(steps), *ARGS]
+            "--steps", str(steps), *ARGS, *extra]
     if processes == 1:
         procs = [subprocess.Popen(base, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
     else:
@@ -86,3 +89,35 @@ def test_readme_multi_host_example_has_its_own_out():
     block = readme[readme.index("### Multi-host"):readme.index("## Export and import")]
     commands = [line for line in block.splitlines() if line.startswith("python train.py")]
     assert len(commands) == 2 and all("--out runs/two-process" in c for c in commands), commands
+
+
+def test_sigterm_to_one_process_stops_both_at_one_agreed_step(tmp_path):
+    """JAX's preemption sync: only process 1 gets SIGTERM; both save the same step and exit
+    143, and the run resumes to the losses of one process on 8 devices (a constant learning
+    rate, so that the first run's --steps does not shape the schedule)."""
+    import signal
+    import time
+    mesh = tmp_path / "mesh.toml"
+    mesh.write_text("[mesh]\ndp = 2\nfsdp = 4\n")
+    out, port = tmp_path / "multi", free_port()
+    base = [sys.executable, str(REPO / "train.py"), "--mesh", str(mesh), "--out", str(out), "--steps", "5000",
+            *ARGS, *CONSTANT_LR, "train.checkpoint_every=100000", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 4):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outputs[0][-3000:] + outputs[1][-3000:]
+    saved = int(outputs[0].split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == saved
+    assert read_metrics(out)[-1]["step"] == saved
+
+    train(out, saved + 2, mesh, processes=2, extra=CONSTANT_LR)
+    single = tmp_path / "single"
+    train(single, saved + 2, mesh, extra=CONSTANT_LR)
+    want = [r["loss"] for r in read_metrics(single, latest=True)]
+    got = [r["loss"] for r in read_metrics(out, latest=True)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)

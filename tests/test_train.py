@@ -45,7 +45,7 @@ def final_params(out):
 
 
 def losses(out):
-    return [(r["step"], r["loss"]) for r in read_metrics(out)]
+    return [(r["step"], r["loss"]) for r in read_metrics(out, latest=True)]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
     assert "resumed" in p.stdout and f"at step {STEPS - 4}" in p.stdout
     np.testing.assert_allclose([v for _, v in losses(out)], [v for _, v in losses(uninterrupted)], atol=1e-6)
     assert (out / "checkpoints" / str(STEPS - 8)).exists()  # nothing older was deleted
+    assert (out / "set_aside" / f"{STEPS}-corrupt" / "state").is_dir()  # nor the corrupt one
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
@@ -244,7 +245,8 @@ def test_data_sources_are_counted_and_empty_ones_refused(tmp_path):
     row = next(line for line in table if str(docs)[-30:] in line)
     assert row.split()[1:3] == ["7", "7"] and "75.0%" in row  # 7 files, 7 documents, 3/(3+1) of the tokens
     assert any("configs" in line and "25.0%" in line for line in table)
-    assert "1 of its 7 documents have bytes that are not UTF-8" in p.stdout
+    assert "1 of its 7 documents cannot be read and will be skipped" in p.stdout and "latin1.txt: not UTF-8" in p.stdout
+    assert p.stderr.count("skipped a bad row") == 1  # read once an epoch, logged once
 
 
 def test_init_from_a_hugging_face_directory_and_a_bad_one(tmp_path):

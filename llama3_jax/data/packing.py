@@ -6,6 +6,7 @@ The pipeline is built from Grain datasets (`grain.MapDataset` / `grain.IterDatas
                  -> this process's shard (every process_count-th document)
                  -> shuffle(seed)  -> repeat()       (reshuffled every epoch)
                  -> map(tokenize)                    (optionally in threads)
+                 -> skip unreadable documents        (counted in the state: bad_rows.py)
                  -> ConcatThenSplit packing into rows of seq_len tokens
     all sources: IterDataset.mix(rows, weights)     (rows are full, so the weights
                                                       are shares of *tokens*)
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llama3_jax.config import ConfigError, DataConfig, check_data
-from llama3_jax.data.sources import open_sources
+from llama3_jax.data.sources import BadRow, open_sources
 
 __all__ = ["DataIterator", "ShardedBatches", "encode_document", "make_iterator"]
 
@@ -48,12 +49,16 @@ _SOURCE_SEED_STRIDE = 1_000_003
 
 
 class _Encode:
-    """Document text -> {"x": int32 [n, 2]} with columns (token, next token or -1)."""
+    """(index in the repeated shard, document text) -> {"x": int32 [n, 2]} with columns
+    (token, next token or -1). A bad row goes on to `SkipBadRows`, marked with whether this
+    is its first read (epoch 0), so that different bad rows are counted exactly."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, epoch_len: int):
+        self.tokenizer, self.epoch_len = tokenizer, epoch_len
 
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
+    def __call__(self, index: int, text: str | BadRow) -> dict[str, np.ndarray] | BadRow:
+        if isinstance(text, BadRow):
+            return text._replace(first=index < self.epoch_len)
         return {"x": encode_document(self.tokenizer, text)}
 
 
@@ -66,6 +71,17 @@ def encode_document(tokenizer, text: str) -> np.ndarray:
     x[:-1, 1] = ids[1:]
     x[-1, 1] = -1  # the document's last token has no next token in this document
     return x
+
+
+def check_bad_rows(bad: int, seen: int, distinct: int, data: DataConfig) -> str | None:
+    """The one-line reason to stop a run for bad data, or None: more than 10 different bad
+    rows, and bad reads over data.max_bad_row_fraction of all reads."""
+    if distinct > 10 and bad > data.max_bad_row_fraction * seen:
+        return (f"{bad} of the {seen} documents read so far could not be read ({distinct} different rows: bad JSON, "
+                f"a missing field or text that is not UTF-8), over data.max_bad_row_fraction="
+                f"{data.max_bad_row_fraction}; fix the data (each bad row was logged with its file and line) or raise "
+                "data.max_bad_row_fraction")
+    return None
 
 
 def _pack_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,6 +202,13 @@ class DataIterator:
                               f"({'; '.join(details)}); resume with the saved settings, or start a new --out")
         self._it.set_state(_from_json(state["grain"]))
 
+    def bad_rows(self) -> tuple[int, int, int]:
+        """(reads of unreadable documents, documents read, different unreadable documents),
+        as of the rows returned so far (documents the row shuffle read ahead included).
+        Derived from `get_state()`, so a resumed iterator counts on where it left off."""
+        from llama3_jax.data.bad_rows import counts_in
+        return counts_in(self._it.get_state())
+
     def close(self) -> None:
         close = getattr(self._it, "close", None)
         if close is not None:
@@ -207,10 +230,10 @@ def _absl_flags_parsed() -> None:
 
 def _data_settings(data: DataConfig) -> dict:
     """What in the data config decides a shard's stream (seq_len and the shard count are
-    recorded on their own)."""
+    recorded on their own; the bad-row limit decides none, and raising it must resume)."""
     d = dataclasses.asdict(data)
-    d.pop("seq_len", None)
-    d.pop("shards", None)
+    for k in ("seq_len", "shards", "max_bad_row_fraction"):
+        d.pop(k, None)
     return json.loads(json.dumps(d, default=str))
 
 
@@ -248,6 +271,8 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
     """
     import grain
 
+    from llama3_jax.data import bad_rows
+
     check_data(data, global_batch, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count="
@@ -263,7 +288,6 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
 
     names, docs, weights = zip(*(sources if sources is not None else open_sources(data)))
 
-    encode = _Encode(tokenizer)
     read_options = grain.ReadOptions(num_threads=num_threads,
                                      prefetch_buffer_size=max(2 * num_threads, 1))
     packed = []
@@ -273,10 +297,12 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
                              f"the {process_count} processes that each need their own; add "
                              f"documents or split the file")
         ds = grain.MapDataset.source(src)[process_index::process_count]
+        epoch_len = len(ds)
         ds = ds.shuffle(seed=(data.seed + i * _SOURCE_SEED_STRIDE) % 2**32)
         ds = ds.repeat(None if epoch_loop else 1)
-        ds = ds.map(encode)
-        it = ds.to_iter_dataset(read_options)
+        ds = ds.map_with_index(_Encode(tokenizer, epoch_len))
+        live = bad_rows.Live()
+        it = bad_rows.SkipBadRows(ds.to_iter_dataset(read_options), live, name=name, epoch_len=epoch_len)
         it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"x": seq_len})
         it = it.map(_pack_row)
         if data.shuffle_rows > 1:
@@ -285,7 +311,7 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
             it = grain.experimental.WindowShuffleIterDataset(
                 it, window_size=data.shuffle_rows,
                 seed=(data.seed + i * _SOURCE_SEED_STRIDE + 1) % 2**32)
-        packed.append(it)
+        packed.append(bad_rows.StampCounts(it, live))
 
     ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, list(weights))
     ds = ds.batch(rows, drop_remainder=False, batch_fn=_MakeBatch(rows, seq_len))
@@ -333,6 +359,12 @@ class ShardedBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         parts = [next(it) for it in self.iterators]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def bad_rows(self) -> tuple[int, int, int]:
+        """(reads of unreadable documents, documents read, different unreadable documents)
+        by this process's shards."""
+        counts = [it.bad_rows() for it in self.iterators]
+        return tuple(sum(c[k] for c in counts) for k in range(3))
 
     def get_state(self) -> dict:
         """{shard id: state} for this process's shards (see `gather_state` for all)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from llama3_jax.config import ConfigError
+from llama3_jax.data.sources import BadRow
 
 REPLACEMENT = "\ufffd"
 
@@ -27,16 +28,23 @@ def describe_sources(opened, tokenizer, *, run_tokens: int, sample: int = 256) -
         n = len(docs)
         picks = sorted(set(np.linspace(0, n - 1, min(n, sample)).round().astype(int).tolist()))
         texts = [docs[i] for i in picks]
+        bad = [t for t in texts if isinstance(t, BadRow)]
+        texts = [t for t in texts if not isinstance(t, BadRow)]
+        where = "all of its" if len(picks) == n else f"all {len(picks)} sampled of its"
+        if not texts:  # the pipeline would skip document after document and never yield a row
+            raise ConfigError(f"data source {name!r} cannot be read: {where} {n} document(s) are bad rows "
+                              f"(first: {bad[0].where}: {bad[0].why}); fix the files or drop the source")
         empty = sum(not t.strip() for t in texts)
         if empty == len(texts):
-            where = "all of its" if len(texts) == n else f"all {len(texts)} sampled of its"
             raise ConfigError(f"data source {name!r} has no text: {where} {n} document(s) are empty; "
                               "fill it or drop it from [data] sources")
-        tokens = sum(len(tokenizer.encode(t, bos=True, eos=True)) for t in texts) / len(texts) * n
+        # Bad rows are skipped: they count as documents without tokens.
+        tokens = sum(len(tokenizer.encode(t, bos=True, eos=True)) for t in texts) / len(picks) * n
         share = weight / total_weight
         rows.append(dict(name=name, files=len(getattr(docs, "paths", [name])), documents=n,
-                         tokens=tokens, exact=len(texts) == n, share=share, epochs=run_tokens * share / tokens,
-                         sampled=len(texts), empty=empty, replaced=sum(REPLACEMENT in t for t in texts)))
+                         tokens=tokens, exact=len(picks) == n, share=share, epochs=run_tokens * share / tokens,
+                         sampled=len(picks), empty=empty, replaced=sum(REPLACEMENT in t for t in texts),
+                         bad=len(bad), first_bad=bad[0] if bad else None))
     return rows
 
 
@@ -54,6 +62,10 @@ def format_report(rows: list[dict]) -> list[str]:
         of = f"of {r['sampled']} sampled documents" if not r["exact"] else f"of its {r['documents']} documents"
         if r["empty"]:
             lines.append(f"warning: data source {r['name']!r}: {r['empty']} {of} are empty")
+        if r.get("bad"):
+            b = r["first_bad"]
+            lines.append(f"warning: data source {r['name']!r}: {r['bad']} {of} cannot be read and will be skipped "
+                         f"(first: {b.where}: {b.why})")
         if r["replaced"]:
             lines.append(f"warning: data source {r['name']!r}: {r['replaced']} {of} have bytes that are not UTF-8 "
                          "(read as U+FFFD); re-encode the files as UTF-8")

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import threading
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,25 +46,43 @@ def _expand_paths(source: DataSource) -> list[pathlib.Path]:
     return [path]
 
 
+class BadRow(typing.NamedTuple):
+    """What a source returns for a document it cannot read (bad JSON, a missing field, text
+    that is not UTF-8): the pipeline drops it, counts it and logs it once."""
+    where: str  # file, file:line or file:row
+    why: str
+    first: bool = True  # False when an epoch loop reads the row again (set by the pipeline)
+
+
+def _utf8(raw: bytes, where: str) -> str | BadRow:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow(where, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+
+
 class TextFiles:
     """Random-access documents: one whole UTF-8 text file each."""
 
-    def __init__(self, paths: Sequence[pathlib.Path]):
+    def __init__(self, paths: Sequence[pathlib.Path], replace_errors: bool = False):
         self.paths = [str(p) for p in paths]
+        self.replace_errors = replace_errors
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> str:
-        with open(self.paths[i], encoding="utf-8", errors="replace") as f:
-            return f.read()
+    def __getitem__(self, i: int) -> str | BadRow:
+        with open(self.paths[i], "rb") as f:
+            raw = f.read()
+        return raw.decode("utf-8", errors="replace") if self.replace_errors else _utf8(raw, self.paths[i])
 
     def __repr__(self) -> str:
         return f"TextFiles({len(self.paths)} files)"
 
 
 def _line_spans(path: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) byte offsets of the non-empty lines of a file, read in chunks."""
+    """(start, end) byte offsets of the lines of a file (empty ones included, but not the
+    empty tail after a final newline), read in chunks."""
     newlines = []
     size = 0
     with open(path, "rb") as f:
@@ -73,8 +92,9 @@ def _line_spans(path: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray
     nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
     starts = np.concatenate([[0], nl + 1]).astype(np.int64)
     ends = np.concatenate([nl, [size]]).astype(np.int64)
-    keep = ends > starts
-    return starts[keep], ends[keep]
+    if ends[-1] == starts[-1]:
+        starts, ends = starts[:-1], ends[:-1]
+    return starts, ends
 
 
 class JsonlLines:
@@ -83,18 +103,22 @@ class JsonlLines:
     def __init__(self, paths: Sequence[pathlib.Path], field: str):
         self.paths = [str(p) for p in paths]
         self.field = field
-        self._starts, self._ends, counts = [], [], [0]
+        self._starts, self._ends, self._skipped, counts = [], [], [], [0]
         for p in self.paths:
             s, e = _line_spans(p)
-            # Whitespace-only lines (e.g. "\r" or "  ") are no documents either.
-            keep = np.ones(len(s), bool)
+            # Empty and whitespace-only lines (e.g. "\r" or "  ") are no documents.
+            keep = e > s
             if len(s):
                 with open(p, "rb") as f:
-                    for j in np.flatnonzero((e - s) <= 8).tolist():
+                    for j in np.flatnonzero(keep & ((e - s) <= 8)).tolist():
                         f.seek(int(s[j]))
                         keep[j] = bool(f.read(int(e[j] - s[j])).strip())
             self._starts.append(s[keep])
             self._ends.append(e[keep])
+            # Line numbers of bad rows: skipped line m (0-based) minus the m skipped before it
+            # is the number of documents before it, a non-decreasing array to search.
+            skipped = np.flatnonzero(~keep)
+            self._skipped.append(skipped - np.arange(len(skipped)))
             counts.append(counts[-1] + int(keep.sum()))
         self._cum = counts
         self._fds: dict[int, int] = {}
@@ -103,7 +127,9 @@ class JsonlLines:
             where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
             raise ConfigError(f"JSONL data source {where} yields no documents: it has no "
                              f"non-empty lines; give a JSONL file with one JSON object per line")
-        self[0]  # Fail early on a wrong `field` (other lines are checked as they are read).
+        first = self[0]  # a wrong `field` fails early; other bad lines are skipped as they are read
+        if isinstance(first, BadRow) and "no field" in first.why:
+            raise ConfigError(f"{first.where}: {first.why}")
 
     def __len__(self) -> int:
         return self._cum[-1]
@@ -128,30 +154,30 @@ class JsonlLines:
                     self._fds[k] = fd
         return fd
 
-    def _line_number(self, k: int, start: int) -> int:
-        with open(self.paths[k], "rb") as f:
-            return f.read(start).count(b"\n") + 1
+    def _line_number(self, k: int, j: int) -> int:
+        """The 1-based line of document j of file k."""
+        return j + 1 + int(np.searchsorted(self._skipped[k], j, side="right"))
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | BadRow:
         k = bisect.bisect_right(self._cum, i) - 1
         j = i - self._cum[k]
         start, end = int(self._starts[k][j]), int(self._ends[k][j])
         raw = os.pread(self._fd(k), end - start, start)
+        where = lambda: f"{self.paths[k]}:{self._line_number(k, j)}"  # only for bad rows
+        text = _utf8(raw, "")
+        if isinstance(text, BadRow):
+            return BadRow(where(), text.why)
         try:
-            obj = json.loads(raw)
+            obj = json.loads(text)
         except ValueError as e:
-            raise ConfigError(f"{self.paths[k]}:{self._line_number(k, start)}: not valid JSON "
-                             f"({e}); JSONL sources need one JSON object per line") from None
+            return BadRow(where(), f"not valid JSON ({e})")
         if not isinstance(obj, dict) or self.field not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise ConfigError(
-                f"{self.paths[k]}:{self._line_number(k, start)}: JSON line has no field "
-                f"{self.field!r} (found: {keys}); set the source's `field` to the key that "
-                f"holds the document text, or fix the line")
+            return BadRow(where(), f"JSON line has no field {self.field!r} (found: {keys}); set the source's "
+                                   "`field` to the key that holds the document text, or fix the line")
         text = obj[self.field]
         if not isinstance(text, str):
-            raise ConfigError(f"{self.paths[k]}:{self._line_number(k, start)}: field "
-                             f"{self.field!r} is a {type(text).__name__}, not a string")
+            return BadRow(where(), f"field {self.field!r} is a {type(text).__name__}, not a string")
         return text
 
     def __del__(self):
@@ -172,6 +198,7 @@ class ParquetRows:
     """
 
     def __init__(self, paths: Sequence[pathlib.Path], field: str):
+        import pyarrow as pa
         import pyarrow.parquet as pq
         self.paths = [str(p) for p in paths]
         self.field = field
@@ -186,6 +213,11 @@ class ParquetRows:
             if field not in names:
                 raise ConfigError(f"{p}: Parquet file has no column {field!r} (columns: "
                                  f"{names}); set the source's `field` to the text column")
+            kind = meta.schema_arrow.field(field).type
+            if not any(is_(kind) for is_ in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                             pa.types.is_large_binary, pa.types.is_null)):
+                raise ConfigError(f"{p}: column {field!r} holds {kind} values, not text; set the "
+                                 f"source's `field` to the text column")
             counts.append(counts[-1] + meta.metadata.num_rows)
         self._cum = counts
         self._columns: dict[int, Any] = {}
@@ -219,17 +251,14 @@ class ParquetRows:
                     self._columns[k] = col
         return col
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | BadRow:
         k = bisect.bisect_right(self._cum, i) - 1
-        text = self._column(k)[i - self._cum[k]].as_py()
-        if text is None:
+        j = i - self._cum[k]
+        value = self._column(k)[j]
+        if not value.is_valid:
             return ""
-        if isinstance(text, bytes):
-            return text.decode("utf-8", errors="replace")
-        if not isinstance(text, str):
-            raise ConfigError(f"{self.paths[k]}: column {self.field!r} holds "
-                             f"{type(text).__name__} values, not text")
-        return text
+        # Arrow does not check a string column's bytes when reading: decode them here.
+        return _utf8(value.as_buffer().to_pybytes(), f"{self.paths[k]}:row {j}")
 
     def __repr__(self) -> str:
         return f"ParquetRows({len(self)} rows, field={self.field!r})"
@@ -261,4 +290,6 @@ def _default_corpus_source():
     if not files:
         raise ConfigError("the default corpus is empty: this Python has no standard library "
                           ".py sources; set [data] sources to your own text/JSONL/Parquet data")
-    return TextFiles(files)
+    # The standard library keeps a few test files in other encodings on purpose; the
+    # embedded corpus reads them with replacement characters rather than report them.
+    return TextFiles(files, replace_errors=True)

@@ -22,6 +22,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -65,19 +66,111 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict | None,
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, log=print):
     """(step, state, data_state) of the newest checkpoint that restores; None if none.
 
-    A checkpoint that fails to restore (corrupted or truncated files) is reported and
-    the previous one is tried; nothing is deleted.
+    Call it once the saved config is known to match (a mismatch is not corruption). A
+    checkpoint that fails to restore (corrupted or truncated files) is moved aside, never
+    deleted (`set_aside`), and the previous one is tried. A checkpoint whose arrays differ
+    from `abstract_state` (another version or model) is no corruption: a ConfigError.
     """
+    _ignore_closed_loop_wakeups()
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            out = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            jax.block_until_ready(out["state"])
-            return step, out["state"], out["data"]
-        except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-            log(f"checkpoint at step {step} in {mngr.directory} could not be restored "
-                f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")
+            layout = state_layout(pathlib.Path(mngr.directory) / str(step) / "state")
+            check_layout(layout, abstract_state, f"checkpoint at step {step} in {mngr.directory}")
+            return restore_step(mngr, step, abstract_state)
+        except ConfigError:
+            raise  # readable, but not this run's state: no earlier checkpoint would do better
+        except Exception as e:  # noqa: BLE001 - any other failure means this step is unusable
+            log(f"checkpoint at step {step} could not be restored ({type(e).__name__}: {str(e)[:200]}); "
+                + set_aside(mngr, step, "corrupt") + "; trying the previous one")
     return None
+
+
+def latest_config(mngr: ocp.CheckpointManager) -> Config | None:
+    """The config of the newest checkpoint whose config reads; None without checkpoints."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return read_config(pathlib.Path(mngr.directory) / str(step))[0]
+        except (OSError, ValueError, ConfigError):
+            continue
+    return None
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, why: str) -> str:
+    """Move checkpoint `step` out of the manager's sight, into RUN/set_aside/, and say where
+    (a later save of the same step then succeeds, and nothing is deleted)."""
+    src = pathlib.Path(mngr.directory) / str(step)
+    dest_dir = pathlib.Path(mngr.directory).parent / "set_aside"
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / f"{step}-{why.split()[0]}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_dir / f"{step}-{why.split()[0]}-{n}"
+    if jax.process_index() == 0:  # one process moves it; the others wait until it has
+        src.rename(dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"llama3_jax set_aside {step}")
+    mngr.reload()
+    return f"checkpoint {step} ({why}) moved to {dest}"
+
+
+def _leaf_shapes(tree) -> dict:
+    """{'opt_state/1/0/mu/embed': shape} of a pytree of arrays or of Orbax array metadata."""
+    def name(k):
+        return str(next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k))
+    return {"/".join(map(name, path)): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def state_layout(state_dir) -> dict:
+    """{array path: shape} of a checkpoint's train state, from its metadata alone; raises
+    when that does not read (the handler raises where a Checkpointer would only warn)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        layout = _leaf_shapes(handler.metadata(pathlib.Path(state_dir)))
+    finally:
+        handler.close()
+    if not layout:
+        raise ValueError(f"{state_dir}: the metadata lists no arrays")
+    return layout
+
+
+def check_layout(stored: dict, abstract_state, where: str) -> None:
+    """ConfigError when the stored arrays are not those `abstract_state` expects."""
+    want = _leaf_shapes(abstract_state)
+    diff = ([f"{k}: stored {stored[k]}, now {want[k]}" for k in stored if k in want and stored[k] != want[k]]
+            + [f"{k}: not stored" for k in want if k not in stored]
+            + [f"{k}: stored, not used now" for k in stored if k not in want])
+    if diff:
+        more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ConfigError(f"{where} holds another train state than this run builds ({'; '.join(diff[:4])}{more}): "
+                          "it was written by another llama3_jax version or model config; resume it with that, "
+                          "or start a new --out")
+
+
+def _ignore_closed_loop_wakeups() -> None:
+    """When a restore fails, Orbax closes its event loop while TensorStore still has reads in
+    flight; each read that then completes reports `RuntimeError: Event loop is closed`
+    through sys.unraisablehook, a screen of tracebacks about nothing. Drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "llama3_jax", False):
+        return
+
+    def hook(u):
+        if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed" and u.object is None):
+            previous(u)
+
+    hook.llama3_jax = True
+    sys.unraisablehook = hook
+
+
+def restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state):
+    """(step, state, data_state) of one checkpoint; raises if it does not restore."""
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    jax.block_until_ready(out["state"])
+    return step, out["state"], out["data"]
 
 
 def read_config(path, step: int | None = None) -> tuple[Config, int, pathlib.Path]:

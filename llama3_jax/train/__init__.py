@@ -1,5 +1,7 @@
 """Training: the optimizer and jitted step (`step.Trainer`, the one set-up of a run on a
-mesh), the pipeline schedule over `pp`, metrics, and the loop that train.py runs.
+mesh), the pipeline schedule over `pp`, metrics, the loop that train.py runs, and what
+keeps a long run alive: bad-step guard, rollback, watchdog and fault hooks (`recovery`),
+the restart supervisor (`supervise`) and goodput accounting (`goodput`).
 
 Imports: everything below it (config, parallel, model, data, formats, infer).
 """

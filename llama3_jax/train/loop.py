@@ -10,13 +10,13 @@ import argparse
 import os
 import pathlib
 import shutil
-import signal
 import sys
 import tempfile
 import time
 
 from llama3_jax.config import ConfigError, load_config, load_mesh
 from llama3_jax.parallel import distributed
+from llama3_jax.train import supervise
 
 
 def parse_args(argv=None):
@@ -32,8 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--compile-only", action="store_true",
                    help="compile the train step ahead of time and report memory, FLOPs and time per device")
     p.add_argument("--topology", default=None, help="with --compile-only: a TPU topology, e.g. v5p:4x4x4 (libtpu)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart the run after a crash or a hung step, up to N times (each resumes)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def check_out_dir(out: pathlib.Path) -> None:
@@ -69,6 +71,10 @@ def resume_notes(saved_train, tc, start: int, log) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.max_restarts and not os.environ.get(supervise.CHILD_ENV):
+        if args.max_restarts < 0 or args.compile_only:
+            raise ConfigError("--max-restarts needs a count of 1 or more, and a training run (not --compile-only)")
+        return supervise.supervise(sys.argv[1:] if argv is None else list(argv), args.out, args.max_restarts)
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
     if args.topology and not args.compile_only:
@@ -80,8 +86,11 @@ def main(argv=None) -> int:
     if not args.compile_only:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+    import logging
+
     import jax
     from llama3_jax.formats.bpe import default_cache_dir
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notes about optional metadata files
     # A restart (or the next run of the same shapes) loads the compiled step from disk.
     cache = cfg.train.compile_cache or str(default_cache_dir() / "xla")
     if cache != "off":
@@ -89,13 +98,15 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from tqdm import tqdm
 
-    from llama3_jax.data import ShardedBatches
+    from llama3_jax.data import ShardedBatches, check_bad_rows
     from llama3_jax.data.report import describe_sources, format_report
     from llama3_jax.formats import run as run_dir
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
     from llama3_jax.infer.sample import sample
     from llama3_jax.model import flops_per_token, param_count
     from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
+    from llama3_jax.train import recovery
+    from llama3_jax.train.goodput import Goodput, format_summary
     from llama3_jax.train.step import Trainer, param_shardings
 
     if args.compile_only:
@@ -105,6 +116,7 @@ def main(argv=None) -> int:
         return 0
 
     is_main = jax.process_index() == 0
+    stop = recovery.StopSignals(coordinated=jax.process_count() > 1)  # SIGTERM and Ctrl-C now save first
     log = print if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
     tc = cfg.train
@@ -135,10 +147,20 @@ def main(argv=None) -> int:
 
     # --- state: resume from the latest checkpoint, else initialise (optionally from weights)
     mngr = run_dir.manager(out, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    saved_cfg = run_dir.latest_config(mngr)
+    if saved_cfg is not None:  # before anything in the run directory is written
+        recovery.check_resume(saved_cfg, cfg, out, log)
+    goodput = Goodput(out, enabled=is_main)
+    stream = recovery.BatchStream(batches, recovery.parse_ranges(tc.skip_batches))
+    initial_data, fresh = stream.local_state(), None
+    t = time.perf_counter()
     restored = run_dir.restore_latest(mngr, trainer.abstract_state(), log=log)
     if restored:
         start, state, data_state = restored
-        batches.set_state(data_state)
+        stream.restore(data_state)
+    restore_s = time.perf_counter() - t  # the state and the data position
+    goodput.event("restore", restore_s)
+    if restored:
         resume_notes(run_dir.read_config(out, start)[0].train, tc, start, log)
         log(f"resumed {out} at step {start}")
     else:
@@ -148,9 +170,10 @@ def main(argv=None) -> int:
             log(f"initialised weights from {tc.init_from}")
         state = trainer.init_state(params=init_params)
 
-    # --- preemption: SIGTERM finishes the current step, saves, and exits
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        def fresh():  # a rollback to before the first checkpoint starts the run again
+            stream.restore(initial_data)
+            return trainer.init_state(params=init_source and load_params(
+                init_source, param_shardings(cfg.model, trainer.mesh), cfg.model.param_dtype))
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -159,49 +182,151 @@ def main(argv=None) -> int:
         f"mesh {trainer.sizes} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     writer = MetricsWriter(out, resume_step=start, enabled=is_main)
     bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    faults = recovery.Faults(out, cfg.model.vocab_size)
+    watchdog = recovery.Watchdog(out / "watchdog" / f"stacks-{jax.process_index()}.txt",
+                                 on_fire=lambda waited: goodput.event("watchdog", waited))
+    goodput.event("startup", time.time() - goodput.start - restore_s)
+    bad = []  # (step, batch index) of the current run of consecutive bad steps
+    host = {"data": 0.0, "save": 0.0}  # host seconds since the last result, by what they waited on
 
-    def record(step, metrics, dt):
+    def draw():
+        t = time.perf_counter()
+        index, batch = next(stream)
+        batch = trainer.put(faults.batch(index, batch))
+        host["data"] += time.perf_counter() - t
+        return index, batch
+
+    def finish(step, metrics, index, dt, first) -> bool:
+        """Record a step's result; True when its bad run calls for a rollback."""
         m = jax.device_get(metrics)
+        reason = recovery.REASONS[int(m["skipped"])]
         tps = tokens_per_step / dt
         tflops = flops_tok * tps / jax.device_count() / 1e12
-        writer.write({"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                      "lr": float(m["lr"]), "tokens": step * tokens_per_step, "step_time_s": dt,
-                      "tokens_per_s": tps, "tflops_per_device": tflops,
-                      "mfu": tflops * 1e12 / peak if peak else None})
+        row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+               "tokens": step * tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops_per_device": tflops,
+               "mfu": tflops * 1e12 / peak if peak else None, "batch": index, "skipped": reason is not None,
+               "bad_rows": batches.bad_rows()[2]}
+        if reason:
+            row["skip_reason"] = reason
+        writer.write(row)
+        goodput.step(step, dt - host["data"] - host["save"], skipped=reason is not None, first=first)
+        for kind in host:
+            goodput.event(kind, host[kind])
+            host[kind] = 0.0
         bar.update(1)
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:,.0f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if reason is None:
+            bad.clear()
+            return False
+        bad.append((step, index))
+        bar.write(f"step {step}: {reason} loss {row['loss']:.4g} on batch {index}; no update applied")
+        return bool(tc.rollback_after) and len(bad) >= tc.rollback_after
+
+    def rollback():
+        """Reload the newest checkpoint from before the bad run, and skip its batches."""
+        (first_step, first_batch), (last_step, last_batch) = bad[0], bad[-1]
+        window = (first_batch, last_batch)
+        stream.rollbacks += 1
+        where = f"steps {first_step}-{last_step} on batches {first_batch}-{last_batch}"
+        if stream.rollbacks > tc.max_rollbacks:
+            raise recovery.Diverged(f"{len(bad)} bad steps in a row at {where}, after {tc.max_rollbacks} rollback(s) "
+                                    f"(train.max_rollbacks); the run stopped at step {last_step}, data position "
+                                    f"batch {last_batch + 1}: lower train.lr or raise train.max_rollbacks")
+        mngr.wait_until_finished()
+        earlier = [s for s in mngr.all_steps() if s < first_step]
+        if earlier:
+            back, state, data = run_dir.restore_step(mngr, max(earlier), trainer.abstract_state())
+            stream.restore(data)
+        elif fresh is not None:
+            back, state = 0, fresh()
+        else:
+            raise recovery.Diverged(f"bad steps at {where}, and no checkpoint before step {first_step} to roll back "
+                                    "to; raise train.keep_checkpoints or lower train.checkpoint_every")
+        for later in [s for s in mngr.all_steps() if s > back]:
+            log(run_dir.set_aside(mngr, later, "abandoned by a rollback"))
+        stream.skips = recovery.merge(stream.skips, [window])
+        bad.clear()
+        log(f"rollback {stream.rollbacks}/{tc.max_rollbacks}: {where}; reloaded step {back} and skipping "
+            f"batches {window[0]}-{window[1]} (train.skip_batches of this run: {recovery.format_ranges(stream.skips)})")
+        writer.write({"step": back, "event": "rollback", "skip_batches": f"{window[0]}-{window[1]}",
+                      "bad_steps": f"{first_step}-{last_step}", "rollbacks": stream.rollbacks})
+        return back, state
 
     # The host never waits on the step it has just dispatched: while step k runs it puts
-    # batch k+1 on the devices and then fetches step k-1's metrics. A step's time is the
-    # time between two steps' results (the first one's includes compiling).
-    step, pending, ready = start, None, time.perf_counter()
-    data_state = batches.get_state()  # the data position after `step` steps, for checkpoints
-    batch = trainer.put(next(batches)) if step < tc.steps else None
-    while step < tc.steps and not stop:
-        state, metrics = trainer(state, batch)
-        step += 1
-        data_state = batches.get_state()
-        if step < tc.steps:
-            batch = trainer.put(next(batches))
-        if pending is not None:
-            jax.block_until_ready(pending[1])
-            now = time.perf_counter()
-            record(*pending, now - ready)
-            ready = now
-        pending = (step, metrics)
-        if mngr.should_save(step):
-            run_dir.save(mngr, step, state, batches.gather_state(data_state), cfg)
-    if pending is not None:
-        jax.block_until_ready(pending[1])
-        record(*pending, time.perf_counter() - ready)
+    # batch k+1 on the devices and then fetches step k-1's results. A step's time is the
+    # time between two steps' results (the session's first includes compiling). A bad
+    # step applies no update on the device; the host learns of it one step later.
+    step, pending, first, local_data = start, None, True, None
+    cur = draw() if step < tc.steps else None
+    ready = time.perf_counter()
+    stop.agree(start)  # JAX's step count starts at 0: a SIGTERM before the first step must agree past `start`
+    watchdog.arm(tc.compile_timeout_s, f"step {step + 1} (compiling)")
+    try:
+        while True:
+            dispatched = None
+            if step < tc.steps and not stop:
+                index, batch = cur
+                state, metrics = trainer(state, batch)
+                step += 1
+                dispatched = (step, metrics, index)
+                stop.agree(step)
+                faults.after_dispatch(step)
+                local_data = stream.local_state()
+                cur = draw() if step < tc.steps else None
+            if pending is not None:
+                jax.block_until_ready(pending[1])
+                now = time.perf_counter()
+                redo = finish(*pending, now - ready, first)
+                ready, first = now, False
+                watchdog.arm(tc.step_timeout_s, f"step {step}")
+                if redo:
+                    if dispatched is not None:
+                        jax.block_until_ready(dispatched[1])  # from the abandoned trajectory
+                    t = time.perf_counter()
+                    watchdog.arm(tc.compile_timeout_s, "rollback")
+                    step, state = rollback()
+                    goodput.event("restore", time.perf_counter() - t)
+                    pending, local_data, cur = None, None, (draw() if step < tc.steps else None)
+                    ready = time.perf_counter()
+                    continue
+                data_error = check_bad_rows(*batches.bad_rows(), cfg.data)
+                if data_error:
+                    stop.data_error(data_error)
+            pending = dispatched
+            if pending is None:
+                break
+            if mngr.should_save(step):
+                jax.block_until_ready(state)  # Orbax copies the state off the device before it returns
+                t = time.perf_counter()
+                run_dir.save(mngr, step, state, stream.checkpoint_state(local_data), cfg)
+                host["save"] += time.perf_counter() - t
+    except recovery.Diverged as e:
+        mngr.wait_until_finished()
+        watchdog.disarm()
+        bar.close()
+        writer.close()
+        goodput.finish()
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return recovery.EXIT_DIVERGED
     bar.close()
-    if step not in mngr.all_steps():
-        run_dir.save(mngr, step, state, batches.gather_state(data_state), cfg, force=True)
+    watchdog.arm(tc.compile_timeout_s, "the final checkpoint")
+    t = time.perf_counter()
+    if local_data is not None and step not in mngr.all_steps():
+        run_dir.save(mngr, step, state, stream.checkpoint_state(local_data), cfg, force=True)
     mngr.wait_until_finished()
+    watchdog.disarm()
+    goodput.event("save", time.perf_counter() - t)
     writer.close()
+    summary = goodput.finish()
     if stop:
-        log(f"SIGTERM: saved checkpoint at step {step} in {run_dir.checkpoint_dir(out)}; exiting")
-        return 143
+        line = stop.exit_line(f"step {step} in {run_dir.checkpoint_dir(out)}")
+        if stop.message:
+            print(line, file=sys.stderr)
+        else:
+            log(line)
+        return stop.exit_code
+    for line in format_summary(summary):
+        log(line)
 
     # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
     prompt = tok.encode(tc.sample_prompt, bos=True)

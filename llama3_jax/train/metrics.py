@@ -5,40 +5,38 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 import time
 
 
 class MetricsWriter:
-    """Appends one JSON object per step; on resume, drops records past the restored step so
-    the file reads exactly as an uninterrupted run's."""
+    """Appends one JSON object per step and never rewrites the file: after a restart or a
+    rollback, the rows of steps done again are appended with `"redo": true` (the last row
+    of each step is the run as it stands; `read_metrics(run_dir, latest=True)`)."""
 
     def __init__(self, run_dir, resume_step: int, enabled: bool = True):
         self.enabled = enabled
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self.tb = None
+        self.high_water = 0  # the highest step with a row so far
         if not enabled:
             return
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut short by a crash
-                if rec["step"] <= resume_step:
-                    kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        for rec in read_metrics(run_dir) if self.path.exists() else []:
+            if "loss" in rec:
+                self.high_water = max(self.high_water, rec["step"])
         self.file = open(self.path, "a")
-        from tensorboardX import SummaryWriter
+        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self.file.write("\n")  # a line cut short by a kill stays on its own line
+        SummaryWriter = _summary_writer()
         self.tb = SummaryWriter(str(run_dir), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if "loss" in record:
+            if record["step"] <= self.high_water:
+                record = dict(record, redo=True)
+            self.high_water = max(self.high_water, record["step"])
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for key, value in record.items():
@@ -51,9 +49,38 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(run_dir) -> list[dict]:
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
+    when it is installed only to accept its tensors, which we never pass, and that import
+    alone costs a restart about 2 s."""
+    import sys
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def read_metrics(run_dir, latest: bool = False) -> list[dict]:
+    """Every row of metrics.jsonl (a line cut short by a kill is left out); `latest`: one
+    row per step, the last written, as an uninterrupted run would read (no events)."""
+    rows = []
+    for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not latest:
+        return rows
+    last, end = {}, 0
+    for r in rows:
+        if "loss" in r:
+            last[r["step"]], end = r, r["step"]
+    return [last[s] for s in sorted(last) if s <= end]  # not the steps a rollback abandoned
 
 
 def plot_loss(run_dir) -> pathlib.Path:
@@ -62,6 +89,7 @@ def plot_loss(run_dir) -> pathlib.Path:
     import matplotlib.pyplot as plt
     records = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    records = [r for r in records if "loss" in r]  # not the rollback events
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")

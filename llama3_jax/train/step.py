@@ -1,9 +1,11 @@
 """The train step: AdamW with warmup + cosine, gradient accumulation, sharded state, and
 `Trainer`, the one set-up of a run on a mesh (validate, mesh, state, jitted step, batches).
 
-State is a plain dict {"params", "opt_state", "step"}; parameters are stored in
+State is a plain dict {"params", "opt_state", "step", "guard"}; parameters are stored in
 `model.param_dtype` and the forward pass casts them to `model.compute_dtype`. One jitted
-step with donated state.
+step with donated state. A bad step (train.recovery.judge: a non-finite loss or gradient,
+or a loss spike) applies no update, decided on the device; "step" counts the updates
+applied and metrics["skipped"] gives the reason code (0 = none).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from llama3_jax import config as config_lib
 from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig
 from llama3_jax.model import PARAM_AXES, Llama, loss_sum, param_shapes
 from llama3_jax.parallel import sharding as shd
+from llama3_jax.train import recovery
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -59,8 +62,9 @@ def abstract_state(cfg: Config, mesh):
     opt_sh = optax.tree_map_params(opt, lambda _, s: s, opt_state, p_sh,
                                    transform_non_params=lambda _: shd.replicated(mesh))
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_state, opt_sh)
-    return {"params": params, "opt_state": opt_state,
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))}
+    scalars = {"step": jnp.zeros((), jnp.int32), "guard": recovery.init_guard()}
+    scalars = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd.replicated(mesh)), scalars)
+    return {"params": params, "opt_state": opt_state, **scalars}
 
 
 def state_shardings(abstract):
@@ -115,11 +119,13 @@ def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig):
             (loss, grads), _ = jax.lax.scan(accumulate, zero, split)
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        loss, grad_norm = loss / n_tokens, optax.tree.norm(grads)
+        ok, reason, guard = recovery.judge(loss, grad_norm, state["guard"], cfg.train)
         updates, opt_state = opt.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        metrics = {"loss": loss / n_tokens, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": n_tokens}
+        updated = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = recovery.keep_if(ok, updated, {k: state[k] for k in updated}) | {"guard": guard}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": n_tokens,
+                   "skipped": reason}
         return new_state, metrics
 
     return step
@@ -144,6 +150,7 @@ class Trainer:
                               "not have; on CPU use save_dots, save_attn_out or full")
         self.sizes = config_lib.validate(cfg, self.mesh_cfg, len(devices),
                                          jax.process_count() if process_count is None else process_count)
+        recovery.check(cfg.train)
         self.mesh = shd.make_mesh(**self.sizes, devices=devices)
         self._abstract = abstract_state(cfg, self.mesh)
         shardings = state_shardings(self._abstract)
@@ -165,7 +172,8 @@ class Trainer:
         @functools.partial(jax.jit, out_shardings=state_shardings(self._abstract))
         def init(key, given):
             p = given if given is not None else Llama(cfg.model, rngs=nnx.Rngs(key)).param_arrays()
-            return {"params": p, "opt_state": opt.init(p), "step": jnp.zeros((), jnp.int32)}
+            return {"params": p, "opt_state": opt.init(p), "step": jnp.zeros((), jnp.int32),
+                    "guard": recovery.init_guard()}
 
         with jax.set_mesh(self.mesh):
             return init(jax.random.key(seed), params)
