@@ -16,6 +16,8 @@ import os
 import pathlib
 import time
 
+from llama3_jax.train.metrics import read_jsonl
+
 KINDS = ("productive", "startup", "compile", "save", "restore", "data", "redo", "skipped", "watchdog")
 
 
@@ -37,14 +39,10 @@ class Goodput:
         self.dir = pathlib.Path(run_dir) / "goodput"
         self.summary_path = pathlib.Path(run_dir) / "goodput.json"
         self.start = process_start_time() if session_start is None else session_start
-        self.high_water = 0  # the highest step any session has finished: steps at or below it are re-done
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "events.jsonl"
-        for e in read_events(self.path):
-            if e.get("step") is not None:
-                self.high_water = max(self.high_water, e["step"])
         self.file = open(self.path, "a")
         self.event("session", 0.0, t=self.start)
 
@@ -57,11 +55,10 @@ class Goodput:
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
 
-    def step(self, step: int, seconds: float, skipped: bool, first: bool) -> None:
-        """One step's time: compile (the session's first), skipped, re-done or productive."""
-        kind = ("compile" if first else "skipped" if skipped
-                else "redo" if step <= self.high_water else "productive")
-        self.high_water = max(self.high_water, step)
+    def step(self, step: int, seconds: float, skipped: bool, first: bool, redo: bool) -> None:
+        """One step's time: compile (the session's first), skipped, re-done (a step done
+        before, in this session or an earlier one: metrics.jsonl's `redo`) or productive."""
+        kind = "compile" if first else "skipped" if skipped else "redo" if redo else "productive"
         self.event(kind, seconds, step=step)
 
     def finish(self) -> dict | None:
@@ -77,14 +74,8 @@ class Goodput:
 
 
 def read_events(path) -> list[dict]:
-    out = []
-    if pathlib.Path(path).exists():
-        for line in pathlib.Path(path).read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill
-    return out
+    path = pathlib.Path(path)
+    return read_jsonl(path.read_text()) if path.exists() else []
 
 
 def summarize(path) -> dict:

@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         host["data"] += time.perf_counter() - t
         return index, batch
 
-    def finish(step, metrics, index, dt, first) -> bool:
+    def finish(step, metrics, index, dt, first, bad_rows) -> bool:
         """Record a step's result; True when its bad run calls for a rollback."""
         m = jax.device_get(metrics)
         reason = recovery.REASONS[int(m["skipped"])]
@@ -205,11 +205,12 @@ def main(argv=None) -> int:
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                "tokens": step * tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops_per_device": tflops,
                "mfu": tflops * 1e12 / peak if peak else None, "batch": index, "skipped": reason is not None,
-               "bad_rows": batches.bad_rows()[2]}
+               "bad_rows": bad_rows[2]}
         if reason:
             row["skip_reason"] = reason
-        writer.write(row)
-        goodput.step(step, dt - host["data"] - host["save"], skipped=reason is not None, first=first)
+        row = writer.write(row)
+        goodput.step(step, dt - host["data"] - host["save"], skipped=reason is not None, first=first,
+                     redo=row.get("redo", False))
         for kind in host:
             goodput.event(kind, host[kind])
             host[kind] = 0.0
@@ -276,7 +277,8 @@ def main(argv=None) -> int:
             if pending is not None:
                 jax.block_until_ready(pending[1])
                 now = time.perf_counter()
-                redo = finish(*pending, now - ready, first)
+                bad_rows = batches.bad_rows()
+                redo = finish(*pending, now - ready, first, bad_rows)
                 ready, first = now, False
                 watchdog.arm(tc.step_timeout_s, f"step {step}")
                 if redo:
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
                     pending, local_data, cur = None, None, (draw() if step < tc.steps else None)
                     ready = time.perf_counter()
                     continue
-                data_error = check_bad_rows(*batches.bad_rows(), cfg.data)
+                data_error = check_bad_rows(*bad_rows, cfg.data)
                 if data_error:
                     stop.data_error(data_error)
             pending = dispatched

@@ -21,18 +21,20 @@ class MetricsWriter:
         self.high_water = 0  # the highest step with a row so far
         if not enabled:
             return
-        for rec in read_metrics(run_dir) if self.path.exists() else []:
+        text = self.path.read_text() if self.path.exists() else ""
+        for rec in read_jsonl(text):
             if "loss" in rec:
                 self.high_water = max(self.high_water, rec["step"])
         self.file = open(self.path, "a")
-        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+        if text and not text.endswith("\n"):
             self.file.write("\n")  # a line cut short by a kill stays on its own line
         SummaryWriter = _summary_writer()
         self.tb = SummaryWriter(str(run_dir), purge_step=resume_step + 1)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> dict:
+        """Append `record`; returns it as written (with `redo` when it is a step done again)."""
         if not self.enabled:
-            return
+            return record
         if "loss" in record:
             if record["step"] <= self.high_water:
                 record = dict(record, redo=True)
@@ -42,6 +44,7 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(f"train/{key}", value, record["step"])
+        return record
 
     def close(self) -> None:
         if self.enabled:
@@ -65,15 +68,22 @@ def _summary_writer():
     return SummaryWriter
 
 
-def read_metrics(run_dir, latest: bool = False) -> list[dict]:
-    """Every row of metrics.jsonl (a line cut short by a kill is left out); `latest`: one
-    row per step, the last written, as an uninterrupted run would read (no events)."""
+def read_jsonl(text: str) -> list[dict]:
+    """The rows of a JSON-lines text that a writer appends to; a line cut short by a kill is
+    left out."""
     rows = []
-    for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return rows
+
+
+def read_metrics(run_dir, latest: bool = False) -> list[dict]:
+    """Every row of metrics.jsonl (a line cut short by a kill is left out); `latest`: one
+    row per step, the last written, as an uninterrupted run would read (no events)."""
+    rows = read_jsonl((pathlib.Path(run_dir) / "metrics.jsonl").read_text())
     if not latest:
         return rows
     last, end = {}, 0

@@ -122,7 +122,7 @@ def judge(loss, grad_norm, guard: dict, tc: TrainConfig):
     delta = loss - mean
     new = {"loss_mean": mean + alpha * delta, "loss_var": (1 - alpha) * (var + alpha * delta * delta),
            "good_steps": n + 1}
-    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, guard)
+    new = keep_if(ok, new, guard)
     reason = jnp.where(finite, jnp.where(spike, 2, 0), 1).astype(jnp.int32)
     return ok, reason, new
 
