@@ -11,13 +11,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# JAX takes 75% of GPU memory by default; the layer count is sized to 90% of the card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 python="${PYTHON:-python3}"
+# Flax NNX as this project uses it (>= 0.12): if the image's is older, install a carried
+# wheel (.whl/flax-*.whl; see .library/device/README.md) into /tmp/site.
+if ! "$python" -c 'import flax, sys; sys.exit(tuple(map(int, flax.__version__.split(".")[:2])) < (0, 12))' 2>/dev/null \
+    && ls .whl/flax-*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/flax-*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 "$python" - <<'PY'
 import importlib, sys
 missing = [m for m in ("jax", "flax", "optax", "orbax.checkpoint", "tensorstore", "numpy") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing packages: {', '.join(missing)}; carry them as wheels (see .library/device/README.md)")
 import jax
-print(f"# JAX {jax.__version__} on {jax.devices()}")
+import flax
+print(f"# JAX {jax.__version__}, Flax {flax.__version__} on {jax.devices()}")
 PY
 exec "$python" benchmarks/gpu_step.py "$@"

@@ -8,6 +8,8 @@ float32 with bfloat16 compute, attention through jax.nn.dot_product_attention (c
 fused kernel on the GPU). For each remat policy it compiles 2 and 4 layers ahead of time,
 fits per-device memory as a + b * layers, takes as many layers as fit in 90% of the card's
 memory (at most 32), compiles that and times --steps steps. The best policy is printed last.
+Policies not started by --deadline-s are skipped, so one device call always ends with a
+table. If cuDNN's kernel does not compile, the remaining policies use XLA's attention.
 MFU is against the card's dense bf16 peak (H100/H200 989 TFLOP/s); on CPU, against a
 measured float32 matmul rate.
 """
@@ -23,12 +25,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 LAYER_8B = dict(dim=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
 TINY = dict(dim=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=512)
-POLICIES = ("save_qkv_proj", "save_dots", "full")
+POLICIES = ("none", "save_dots", "save_qkv_proj", "full")
+
+
+EXTRA: list[str] = []  # --set overrides
 
 
 def config(shape: dict, layers: int, remat: str, batch: int, seq: int, attention: str):
     from llama3_jax.config import load_config
-    return load_config("debug", [f"model.{k}={v}" for k, v in shape.items()] + [
+    return load_config("debug", [f"model.{k}={v}" for k, v in shape.items()] + EXTRA + [
         f"model.n_layers={layers}", f"model.remat={remat}", f"model.attention_impl={attention}",
         "model.param_dtype=float32", "model.compute_dtype=bfloat16", "model.tie_embeddings=false",
         f"model.max_seq_len={seq}", f"data.seq_len={seq}", f"train.global_batch={batch}", "train.warmup_steps=0"])
@@ -80,7 +85,10 @@ def main():
     ap.add_argument("--max-layers", type=int, default=32)
     ap.add_argument("--memory-gib", type=float, default=None, help="device memory (default: the card's)")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--deadline-s", type=float, default=330, help="start no policy after this many seconds")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     args = ap.parse_args()
+    EXTRA.extend(args.set)
     import jax
 
     from llama3_jax.model import flops_per_token
@@ -88,7 +96,8 @@ def main():
     shape = TINY if args.tiny else LAYER_8B
     batch, seq = args.batch or 2, args.seq or (64 if args.tiny else 8192)
     device = _device()
-    attention = "jax_nn"
+    attention = "jax_nn"  # cuDNN flash attention on a GPU in bf16 (model/attention.py)
+    started = time.perf_counter()
     capacity = args.memory_gib * 2**30 if args.memory_gib else (chip(device) or (None, 2 * 2**30))[1]
     peak = peak_flops(device)
     print(f"# {device.device_kind} ({device.platform}), JAX {jax.__version__}; {capacity / 2**30:.0f} GiB, peak "
@@ -99,22 +108,41 @@ def main():
     print("-" * len(head))
     best = None
     for remat in args.policies:
+        if time.perf_counter() - started > args.deadline_s:
+            print(f"{remat:<15} skipped: past --deadline-s {args.deadline_s:.0f}", flush=True)
+            continue
         small, large = (1, 2) if args.tiny else (2, 4)
-        m1, m2 = (device_bytes(config(shape, n, remat, batch, seq, attention)) for n in (small, large))
+        try:
+            m1, m2 = (device_bytes(config(shape, n, remat, batch, seq, attention)) for n in (small, large))
+        except Exception as e:  # noqa: BLE001 - a kernel the card refuses: say so, go on with XLA's
+            if attention == "xla_chunked":
+                raise
+            print(f"# attention {attention} failed to compile ({type(e).__name__}: {str(e)[:300]}); "
+                  f"using xla_chunked", flush=True)
+            attention = "xla_chunked"
+            m1, m2 = (device_bytes(config(shape, n, remat, batch, seq, attention)) for n in (small, large))
         per_layer = (m2 - m1) / (large - small)
         layers = int(min(args.max_layers, (0.9 * capacity - (m1 - small * per_layer)) // max(per_layer, 1)))
         if layers < 1:
             print(f"{remat:<15}{'-':>7}{per_layer / 2**30:>10.2f}   not even one layer fits", flush=True)
             continue
-        cfg = config(shape, layers, remat, batch, seq, attention)
-        seconds = run(cfg, args.steps)
+        try:
+            cfg = config(shape, layers, remat, batch, seq, attention)
+            seconds = run(cfg, args.steps)
+        except Exception as e:  # noqa: BLE001 - the estimate was short (out of memory): fewer layers once
+            print(f"# {remat} with {layers} layers failed ({type(e).__name__}: {str(e)[:200]}); "
+                  f"retrying with {layers * 3 // 4}", flush=True)
+            layers = layers * 3 // 4
+            cfg = config(shape, layers, remat, batch, seq, attention)
+            seconds = run(cfg, args.steps)
         tflops = flops_per_token(cfg.model, seq) * batch * seq / seconds / 1e12
-        row = (remat, layers, tflops * 1e12 / peak)
+        row = (f"{remat} ({attention})", layers, tflops * 1e12 / peak)
         print(f"{remat:<15}{layers:>7}{per_layer / 2**30:>10.2f}{(m1 + (layers - small) * per_layer) / 2**30:>9.1f}"
               f"{seconds:>9.3f}{batch * seq / seconds:>11,.0f}{tflops:>9.1f}{row[2]:>7.1%}", flush=True)
         best = max(best or row, row, key=lambda r: r[2])
     if best:
-        print(f"best: remat={best[0]} with {best[1]} layers, {best[2]:.1%} MFU")
+        print(f"best: remat={best[0]} with {best[1]} layers, {best[2]:.1%} MFU; "
+              f"{time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -66,10 +66,16 @@ def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_po
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
-def jax_nn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-    """`jax.nn.dot_product_attention`, which picks cuDNN's fused kernel on GPUs that have it."""
+def jax_nn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, ordered=False):
+    """`jax.nn.dot_product_attention`: cuDNN's fused flash kernel when tracing for a GPU in
+    bf16/fp16 (JAX's own default is its XLA path, so cuDNN must be asked for by name), else
+    XLA. The full mask is passed either way, so packed documents stay exact; for ordered
+    tokens `is_causal` is implied by that mask and lets cuDNN skip the blocks above the
+    diagonal."""
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=ordered and cudnn,
+                                        implementation="cudnn" if cudnn else None)
 
 
 def causal_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block: int, remat: bool):
@@ -100,4 +106,6 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
         if s > block and s % block == 0:
             return causal_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block,
                                  remat=impl == "xla_chunked")
+    if impl == "jax_nn":
+        return fn(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, ordered=ordered and k.shape[1] == s)
     return fn(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
