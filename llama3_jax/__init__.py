@@ -37,7 +37,6 @@ MOVED = {
     "llama3_jax.corpus": "llama3_jax.data.corpus",
     "llama3_jax.pipeline": "llama3_jax.train.pipeline",
     "llama3_jax.metrics": "llama3_jax.train.metrics",
-    "llama3_jax.generate": "llama3_jax.infer.sample",
     "llama3_jax.checkpointing": "llama3_jax.formats.run",
 }
 # Modules whose contents were split: importing them says where each part went.

@@ -109,14 +109,7 @@ def rms_norm(x, weight, eps):
 def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: bool = True):
     """One pre-norm transformer block; `p` holds this layer's (unstacked) parameters.
     `ordered`: the tokens are in sequence order (see `attention`)."""
-    cd = x.dtype
-    h = constrain(rms_norm(x, p["attention_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
-    q, k, v = linear(h, (p["wq"].astype(cd), p["wk"].astype(cd), p["wv"].astype(cd)))
-    q = checkpoint_name(constrain(q, ("batch", "seq", "heads", "head_dim")), "q_proj")
-    k = checkpoint_name(constrain(k, ("batch", "seq", "kv_heads", "head_dim")), "k_proj")
-    v = checkpoint_name(constrain(v, ("batch", "seq", "kv_heads", "head_dim")), "v_proj")
-    q = apply_rope(q, cos, sin).astype(cd)
-    k = apply_rope(k, cos, sin).astype(cd)
+    q, k, v = project_qkv(x, p, cos, sin, cfg)
     # Keys and values cover the whole sequence: under context parallelism this constraint
     # is the all-gather of K and V over `cp` (cheap with GQA); queries stay local.
     k = constrain(k, ("batch", "kv_seq", "kv_heads", "head_dim"))
@@ -125,9 +118,26 @@ def block(x, p, cos, sin, segment_ids, positions, cfg: ModelConfig, ordered: boo
     kv_positions = constrain(positions, ("batch", "kv_seq"))
     a = attention(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
                   impl=cfg.attention_impl, ordered=ordered)
+    return finish_block(x, a, p, cfg)
+
+
+def project_qkv(x, p, cos, sin, cfg: ModelConfig):
+    """The block's first half: RMS norm, q/k/v projections and RoPE (also used by the KV-cache
+    decoder in `llama3_jax.infer`, so both paths compute the same keys)."""
+    cd = x.dtype
+    h = constrain(rms_norm(x, p["attention_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
+    q, k, v = linear(h, (p["wq"].astype(cd), p["wk"].astype(cd), p["wv"].astype(cd)))
+    q = checkpoint_name(constrain(q, ("batch", "seq", "heads", "head_dim")), "q_proj")
+    k = checkpoint_name(constrain(k, ("batch", "seq", "kv_heads", "head_dim")), "k_proj")
+    v = checkpoint_name(constrain(v, ("batch", "seq", "kv_heads", "head_dim")), "v_proj")
+    return apply_rope(q, cos, sin).astype(cd), apply_rope(k, cos, sin).astype(cd), v
+
+
+def finish_block(x, a, p, cfg: ModelConfig):
+    """The block's second half: attention output projection, residual, and the MLP."""
+    cd = x.dtype
     a = checkpoint_name(constrain(a, ("batch", "seq", "heads", "head_dim")), "attn_out")
     x = x + constrain(linear(a, (p["wo"].astype(cd),), 2)[0], ("batch", "seq_sp", "embed"))
-
     h = constrain(rms_norm(x, p["ffn_norm"], cfg.norm_eps), ("batch", "seq", "embed"))
     out = swiglu(h, p["w1"].astype(cd), p["w3"].astype(cd), p["w2"].astype(cd))
     return x + constrain(out, ("batch", "seq_sp", "embed"))
@@ -249,7 +259,9 @@ def run_layers(x, layers: dict, segment_ids, positions, cfg: ModelConfig, ordere
 
 
 def embed_tokens(embedding, tokens, cfg: ModelConfig):
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype_of(cfg.compute_dtype))
+    # A quantized embedding (llama3_jax.infer.quant) looks up and dequantizes its own rows.
+    rows = embedding.lookup(tokens) if hasattr(embedding, "lookup") else jnp.take(embedding, tokens, axis=0)
+    x = rows.astype(dtype_of(cfg.compute_dtype))
     return constrain(x, ("batch", "seq_sp", "embed"))
 
 

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from llama3_jax.data.report import describe_sources, format_report
     from llama3_jax.formats import run as run_dir
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
-    from llama3_jax.infer.sample import sample
+    from llama3_jax.infer.generate import Sampling, allowed_ids, generate
     from llama3_jax.model import flops_per_token, param_count
     from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
     from llama3_jax.train import recovery
@@ -332,8 +332,10 @@ def main(argv=None) -> int:
 
     # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
     prompt = tok.encode(tc.sample_prompt, bos=True)
-    with jax.set_mesh(trainer.mesh):
-        ids = sample(state["params"], cfg.model, prompt, tc.sample_tokens, seed=tc.seed, stop_ids=(tok.eos_id,))
+    stops = sorted(tok.stop_ids)
+    ids = generate(state["params"], cfg.model, [prompt], Sampling(tc.sample_tokens, temperature=0.8, seed=tc.seed),
+                   stop_ids=stops, allowed=allowed_ids(cfg.model.vocab_size, tok, stops), mesh=trainer.mesh).tokens[0]
+    ids = [i for i in ids if i not in tok.stop_ids]
     if is_main:
         png = plot_loss(out)
         print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")

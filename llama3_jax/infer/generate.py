@@ -1,0 +1,173 @@
+"""Generation: `generate(params, cfg, prompts, sampling)` -> token ids and log-probs, and
+`load_for_inference` (a run, a converted checkpoint or a Hugging Face/Meta directory,
+in a dtype, optionally int8, on a mesh).
+
+Call `generate` under no mesh or pass `mesh=`: the activations, the cache and the batch then
+follow the training rule table. Compiles: one prefill per (batch, prompt bucket, cache
+length) and one decode step per (batch, cache length); prompts are padded up to a multiple
+of `BUCKET` tokens so that prompts of similar length share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama3_jax.config import ConfigError, ModelConfig
+from llama3_jax.infer.decode import decode_step, prefill
+
+BUCKET = 64
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0: greedy. top_k 0 and top_p 1.0: off."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: "
+                              "need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]      # new tokens of each prompt, its stop token included
+    logprobs: list[list[float]]  # the model's log-probability of each of them
+    finish: list[str]            # "stop" (a stop token) or "length" (max_new_tokens)
+
+
+def allowed_ids(vocab_size: int, tokenizer=None, stop_ids=()) -> np.ndarray:
+    """Ids sampling may produce: the tokenizer's ordinary tokens and the stop tokens; never
+    the other special tokens (reserved ones included) or ids past the tokenizer."""
+    allowed = np.ones(vocab_size, bool)
+    if tokenizer is not None:
+        allowed[tokenizer.n_words:] = False
+        for i in tokenizer.special_tokens.values():
+            allowed[i] = False
+        for i in stop_ids:
+            allowed[i] = True
+    return allowed
+
+
+def cache_length(cfg: ModelConfig, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket, cache length), or a ConfigError before anything compiles."""
+    need = longest_prompt + max_new_tokens
+    if longest_prompt < 1:
+        raise ConfigError("every prompt needs at least one token")
+    if need > cfg.max_seq_len:
+        raise ConfigError(f"a prompt of {longest_prompt} tokens + max_new_tokens {max_new_tokens} = {need} "
+                          f"does not fit the cache of model.max_seq_len={cfg.max_seq_len}; shorten the prompt "
+                          "or lower max_new_tokens")
+    bucket = min(-(-longest_prompt // BUCKET) * BUCKET, cfg.max_seq_len - max_new_tokens)
+    return bucket, min(-(-(bucket + max_new_tokens) // BUCKET) * BUCKET, cfg.max_seq_len)
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(), *,
+             stop_ids=(), allowed=None, mesh=None, cache_dtype: str | None = None,
+             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generation:
+    """Continue each prompt (token ids) until one of `stop_ids` or `sampling.max_new_tokens`.
+
+    `allowed`: bool [vocab] of the ids that may be drawn (see `allowed_ids`; default all).
+    `on_tokens(tokens [b], live [b])` is called with each step's tokens, for streaming.
+    Reproducible for a given seed and batch: each step's keys come from (seed, step).
+    """
+    sampling.check()
+    b = len(prompts)
+    bucket, length = cache_length(cfg, max(len(p) for p in prompts), sampling.max_new_tokens)
+    rows = b
+    if mesh is not None:  # the batch is sharded over dp x fsdp: pad it with copies of row 0
+        ways = mesh.shape.get("dp", 1) * mesh.shape.get("fsdp", 1)
+        rows = -(-b // ways) * ways
+    tokens = np.zeros((rows, bucket), np.int32)
+    pad = np.zeros(rows, np.int32)
+    for i in range(rows):
+        p = list(prompts[i if i < b else 0])
+        tokens[i, bucket - len(p):] = p
+        pad[i] = bucket - len(p)
+    allowed = np.ones(cfg.vocab_size, bool) if allowed is None else np.asarray(allowed, bool)
+    knobs = (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p))
+    base = jax.random.key(sampling.seed)
+    cache_dtype = cache_dtype or cfg.compute_dtype
+    stops = np.asarray(sorted(set(stop_ids)) or [-1])
+    out = [[] for _ in range(b)]
+    logps = [[] for _ in range(b)]
+    live = np.ones(b, bool)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        tok, logp, cache = prefill(params, tokens, pad, knobs, allowed, jax.random.fold_in(base, 0),
+                                   cfg=cfg, length=length, cache_dtype=cache_dtype)
+        for step in range(sampling.max_new_tokens):
+            host_tok, host_logp = np.asarray(tok)[:b], np.asarray(logp)[:b]
+            if step + 1 < sampling.max_new_tokens and live.any():
+                # Dispatch the next step before reading this one's results on the host.
+                tok, logp, cache = decode_step(params, cache, tok, np.int32(bucket + step), pad, knobs, allowed,
+                                               jax.random.fold_in(base, step + 1), cfg=cfg)
+            for i in np.flatnonzero(live):
+                out[i].append(int(host_tok[i]))
+                logps[i].append(float(host_logp[i]))
+            if on_tokens is not None:
+                on_tokens(host_tok, live.copy())
+            live &= ~np.isin(host_tok, stops)
+            if not live.any():
+                break
+    finish = ["stop" if t and t[-1] in set(stop_ids) else "length" for t in out]
+    return Generation(out, logps, finish)
+
+
+def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16", quantize: str | None = None,
+                       quantize_embeddings: bool = False, mesh=None, tokenizer=None):
+    """(params, model config, tokenizer or None) from a run directory (latest or `step`), a
+    converted checkpoint, or a Hugging Face or Meta directory. Errors come before any compile."""
+    from llama3_jax.formats.run import RunSource, read_config, run_tokenizer
+    from llama3_jax.formats.bpe import load_tokenizer
+    from llama3_jax.formats.weights import load_params, open_source
+    from llama3_jax.infer.quant import quantize_params
+    from llama3_jax.model import PARAM_AXES, param_shapes
+    from llama3_jax.parallel.sharding import make_mesh, param_sharding
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r} unknown; the one quantization is int8")
+    source = RunSource(src, step=step) if step is not None else open_source(src)
+    cfg = dataclasses.replace(source.model, param_dtype=dtype, compute_dtype=dtype, remat="none",
+                              attention_impl="xla")
+    cfg.validate()
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tok is None:
+        if isinstance(source, RunSource):
+            run_cfg, _, _ = read_config(src, step)
+            tok = run_tokenizer(run_cfg, src)
+        elif (pathlib.Path(src) / "tokenizer.model").is_file():
+            tok = load_tokenizer(pathlib.Path(src) / "tokenizer.model")
+    if tok is not None and tok.n_words > cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tok.path} has {tok.n_words} tokens but the model's vocabulary is "
+                          f"{cfg.vocab_size}: it belongs to another model; pass the model's own with --tokenizer")
+    mesh = mesh or make_mesh(devices=jax.devices()[:1])
+    if mesh.shape.get("pp", 1) > 1 or mesh.shape.get("cp", 1) > 1:
+        raise ConfigError("inference runs on dp, fsdp and tp meshes; this mesh has pp or cp > 1: pick a mesh "
+                          "without them (for example --mesh with tp only)")
+    shardings = {n: param_sharding(n, PARAM_AXES[n], s, mesh) for n, s in param_shapes(cfg).items()}
+    params = load_params(source, shardings, dtype)
+    if quantize == "int8":
+        with jax.set_mesh(mesh):
+            params = quantize_params(params, embeddings=quantize_embeddings)
+    return params, cfg, tok, mesh
+
+
+def as_dtype(params: dict, dtype: str) -> dict:
+    """Parameters cast to `dtype` (for a model trained in another)."""
+    return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)

@@ -1,0 +1,173 @@
+"""KV-cache generation against transformers' generate, our own uncached forward, the 1-device
+mesh and NumPy-level properties of sampling; int8 quality on a trained model; the command."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llama3_jax.config import ConfigError
+from llama3_jax.formats import convert
+from llama3_jax.infer import cli
+from llama3_jax.infer.decode import choose, empty_cache, forward_cached
+from llama3_jax.infer.generate import Sampling, allowed_ids, as_dtype, generate, load_for_inference
+from llama3_jax.infer.quant import param_bytes, quantize_params
+from llama3_jax.model import PARAM_AXES, forward
+from llama3_jax.parallel.sharding import make_mesh, param_sharding
+
+from conftest import REPO
+
+PROMPT_LENGTHS = (5, 17, 40)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A debug-tiny run trained for 200 steps (about 12 s), and its Hugging Face export."""
+    work = tmp_path_factory.mktemp("infer")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "debug-tiny", "--steps", "200",
+                    "--out", str(work / "run"), "train.sample_tokens=4"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    assert convert.main(["to-hf", str(work / "run"), str(work / "hf"), "--dtype", "float32"]) == 0
+    return work
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    return load_for_inference(trained / "run", dtype="float32")
+
+
+def prompts_of(tok, lengths=PROMPT_LENGTHS):
+    text = (REPO / "README.md").read_text()
+    ids = tok.encode(text)
+    return [ids[100 * i:100 * i + n] for i, n in enumerate(lengths)]
+
+
+def test_greedy_equals_transformers_generate(trained, loaded):
+    params, cfg, tok, _ = loaded
+    prompts = prompts_of(tok)
+    ours = generate(params, cfg, prompts, Sampling(max_new_tokens=64))
+    hf = transformers.LlamaForCausalLM.from_pretrained(trained / "hf", dtype=torch.float32).eval()
+    for prompt, new in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64,
+                              pad_token_id=0, eos_token_id=None)
+        assert new == out[0, len(prompt):].tolist()
+    # The Hugging Face export loads into the same generator with the same result.
+    hf_params, hf_cfg, _, _ = load_for_inference(trained / "hf", dtype="float32")
+    assert generate(hf_params, hf_cfg, prompts, Sampling(max_new_tokens=64)).tokens == ours.tokens
+
+
+def test_cached_decode_equals_uncached_forward(loaded):
+    params, cfg, tok, _ = loaded
+    prompts = prompts_of(tok, (3, 11))
+    g = generate(params, cfg, prompts, Sampling(max_new_tokens=16))
+    for prompt, new, logps in zip(prompts, g.tokens, g.logprobs):
+        seq = jnp.asarray([prompt + new])
+        logp = jax.nn.log_softmax(forward(params, seq, cfg)[0], axis=-1)
+        rows = np.asarray(logp[len(prompt) - 1:-1])
+        assert new == rows.argmax(-1).tolist()
+        np.testing.assert_allclose(logps, rows[np.arange(len(new)), new], atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(tp=2), dict(fsdp=2, tp=2)])
+def test_cached_decode_logits_equal_on_a_mesh(loaded, mesh_shape):
+    params, cfg, tok, _ = loaded
+    tokens = np.asarray([p[:5] for p in prompts_of(tok, (5, 5))], np.int32)
+    pad = np.asarray([0, 2], np.int32)
+
+    def decode(params, mesh=None):
+        with jax.set_mesh(mesh) if mesh else __import__("contextlib").nullcontext():
+            cache = jax.jit(lambda: empty_cache(cfg, 2, 16, jnp.float32))()
+            run = jax.jit(lambda p, t, c, s: forward_cached(p, t, c, s, pad, cfg))
+            _, cache = run(params, tokens, cache, jnp.int32(0))
+            logits, _ = run(params, tokens[:, -1:], cache, jnp.int32(5))
+            return np.asarray(logits)
+
+    mesh = make_mesh(**mesh_shape, devices=jax.devices()[:np.prod(list(mesh_shape.values()))])
+    sharded = {n: jax.device_put(x, param_sharding(n, PARAM_AXES[n], x.shape, mesh)) for n, x in params.items()}
+    np.testing.assert_allclose(decode(sharded, mesh), decode(params), atol=1e-5, rtol=0)
+
+
+def test_sampling_is_reproducible_and_never_draws_a_disallowed_id(loaded):
+    params, cfg, tok, _ = loaded
+    prompts = prompts_of(tok)
+    hot = Sampling(max_new_tokens=24, temperature=5.0, seed=7)
+    a, b = generate(params, cfg, prompts, hot), generate(params, cfg, prompts, hot)
+    assert a.tokens == b.tokens
+    assert generate(params, cfg, prompts, Sampling(24, temperature=5.0, seed=8)).tokens != a.tokens
+    allowed = allowed_ids(cfg.vocab_size, tok, sorted(tok.stop_ids))
+    assert not allowed[tok.special_tokens["<|reserved_special_token_194|>"]] and allowed[tok.eot_id]
+    for row in generate(params, cfg, prompts, hot, allowed=allowed).tokens:
+        assert all(allowed[t] for t in row)
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_ids():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 400, jnp.float32))
+    allowed = np.ones(4, bool)
+    key = jax.random.key(0)
+    draw = lambda t, k, p: np.asarray(choose(logits, allowed, jnp.float32(t), jnp.int32(k), jnp.float32(p), key)[0])
+    assert set(draw(1.0, 2, 1.0)) == {0, 1}
+    assert set(draw(1.0, 0, 0.7)) == {0, 1}          # 0.5 < 0.7 <= 0.8
+    assert set(draw(1.0, 0, 0.5)) == {0}
+    assert set(draw(1.0, 0, 1.0)) == {0, 1, 2, 3}
+    assert set(draw(0.0, 0, 1.0)) == {0}              # greedy
+    frequencies = np.bincount(draw(1.0, 0, 1.0), minlength=4) / 400
+    np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.15, 0.05], atol=0.07)
+
+
+def held_out_perplexity(params, cfg, tok) -> float:
+    ids = tok.encode((REPO / "llama3_jax" / "model" / "model.py").read_text())[:8 * 64]  # code, not trained on
+    tokens = jnp.asarray(np.asarray(ids, np.int32).reshape(8, 64))
+    logp = jax.nn.log_softmax(forward(params, tokens, cfg)[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+    return float(jnp.exp(nll))
+
+
+def test_int8_and_bf16_perplexity_stay_close_and_int8_halves_memory(loaded):
+    import dataclasses
+    params, cfg, tok, _ = loaded
+    fp32 = held_out_perplexity(params, cfg, tok)
+    bf16_cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16")
+    bf16 = as_dtype(params, "bfloat16")
+    int8 = quantize_params(bf16, embeddings=True)
+    ppl_bf16, ppl_int8 = held_out_perplexity(bf16, bf16_cfg, tok), held_out_perplexity(int8, bf16_cfg, tok)
+    print(f"perplexity fp32 {fp32:.3f} bf16 {ppl_bf16:.3f} int8 {ppl_int8:.3f}")
+    assert fp32 < cfg.vocab_size / 2  # trained: far below a uniform guess
+    assert abs(ppl_bf16 / fp32 - 1) < 0.005
+    assert abs(ppl_int8 / ppl_bf16 - 1) < 0.01
+    assert param_bytes(int8) < 0.55 * param_bytes(bf16)
+
+
+def test_command_streams_writes_jsonl_and_rejects_bad_input_before_compiling(trained, tmp_path, capsys):
+    run = str(trained / "run")
+    assert cli.main([run, "--prompt", "def ", "--max-new-tokens", "8", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "import "}) + "\n" +
+                       json.dumps({"prompt": [{"role": "user", "content": "hi"}], "id": 7}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert cli.main([run, "--prompts-file", str(prompts), "--out", str(out), "--max-new-tokens", "6",
+                     "--quantize", "int8", "--temperature", "0.7", "--seed", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == [None, 7]
+    assert all(len(r["tokens"]) == len(r["logprobs"]) <= 6 and r["finish"] in ("stop", "length") for r in rows)
+    capsys.readouterr()
+    for argv, message in [
+        ([run, "--prompt", "x " * 600], "does not fit the cache of model.max_seq_len=512"),
+        ([run, "--dtype", "float64"], "--dtype 'float64' unknown"),
+        ([run, "--quantize", "int4"], "the one quantization is int8"),
+        ([run, "--tokenizer", str(REPO.parent / "shared" / "llama3-tokenizer" / "tokenizer.model")],
+         "belongs to another model"),
+    ]:
+        assert cli.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("# ")]
+        assert len(errors) == 1 and message in errors[0], errors
+    with pytest.raises(ConfigError, match="max_new_tokens=0"):
+        Sampling(max_new_tokens=0).check()
