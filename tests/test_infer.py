@@ -15,7 +15,7 @@ import transformers
 from llama3_jax.config import ConfigError
 from llama3_jax.formats import convert
 from llama3_jax.infer import cli
-from llama3_jax.infer.decode import choose, empty_cache, forward_cached
+from llama3_jax.infer.decode import choose, empty_cache, forward_cached, unstack_layers
 from llama3_jax.infer.generate import Sampling, allowed_ids, as_dtype, generate, load_for_inference
 from llama3_jax.infer.quant import param_bytes, quantize_params
 from llama3_jax.model import PARAM_AXES, forward
@@ -84,15 +84,20 @@ def test_cached_decode_logits_equal_on_a_mesh(loaded, mesh_shape):
 
     def decode(params, mesh=None):
         with jax.set_mesh(mesh) if mesh else __import__("contextlib").nullcontext():
+            params = unstack_layers(params)
             cache = jax.jit(lambda: empty_cache(cfg, 2, 16, jnp.float32))()
             run = jax.jit(lambda p, t, c, s: forward_cached(p, t, c, s, pad, cfg))
             _, cache = run(params, tokens, cache, jnp.int32(0))
-            logits, _ = run(params, tokens[:, -1:], cache, jnp.int32(5))
-            return np.asarray(logits)
+            logits, cache = run(params, tokens[:, -1:], cache, jnp.int32(5))
+            return np.asarray(logits), cache["k"][0].sharding
 
     mesh = make_mesh(**mesh_shape, devices=jax.devices()[:np.prod(list(mesh_shape.values()))])
     sharded = {n: jax.device_put(x, param_sharding(n, PARAM_AXES[n], x.shape, mesh)) for n, x in params.items()}
-    np.testing.assert_allclose(decode(sharded, mesh), decode(params), atol=1e-5, rtol=0)
+    (logits, cache_sharding), (one_device, _) = decode(sharded, mesh), decode(params)
+    np.testing.assert_allclose(logits, one_device, atol=1e-5, rtol=0)
+    # The cache follows the training rules: kv heads over tp, the batch over fsdp.
+    spec = tuple(cache_sharding.spec) + (None,) * 4
+    assert spec[1] == "tp" and spec[0] == ("fsdp" if "fsdp" in mesh_shape else None)
 
 
 def test_sampling_is_reproducible_and_never_draws_a_disallowed_id(loaded):

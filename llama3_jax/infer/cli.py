@@ -93,6 +93,9 @@ def encode(tok, prompt, system=None) -> list[int]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from llama3_jax.config import load_mesh
+    import jax
+
+    from llama3_jax.infer.decode import unstack_layers
     from llama3_jax.infer.generate import Sampling, allowed_ids, cache_length, generate, load_for_inference
     from llama3_jax.infer.quant import param_bytes
     from llama3_jax.parallel.sharding import make_mesh
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
                                                     tokenizer=args.tokenizer)
         if tok is None:
             raise ConfigError(f"{args.src} comes with no tokenizer; pass --tokenizer PATH/tokenizer.model")
+        with jax.set_mesh(mesh):
+            params = unstack_layers(params)  # once, rather than in every generate call
         print(f"# {args.src}: {cfg.n_layers} layers, dim {cfg.dim}, {args.dtype}"
               f"{' + int8 weights' if args.quantize else ''}: {param_bytes(params) / 2**20:,.1f} MiB of parameters"
               f" on {mesh.devices.size} device(s)", file=sys.stderr)

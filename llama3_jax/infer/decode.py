@@ -1,12 +1,12 @@
 """KV-cache decoding: the model's blocks over a preallocated cache, a jitted prefill and a
 jitted one-token decode step, and the sampler they share.
 
-The cache holds keys and values as [layers, batch, length, kv_heads, head_dim] (GQA: the
-kv heads, not the query heads), sharded by the training rule table (batch over dp/fsdp, kv
+The cache holds keys and values as one [batch, kv_heads, length, head_dim] array per layer
+(GQA: the kv heads, not the query heads), sharded by the training rule table (batch over dp/fsdp, kv
 heads over tp). Prompts are left-padded to one length, so every row writes the same cache
 slot at each step; a row's positions start at 0 at its first real token, and pad slots are
-a segment of their own, so RoPE and masking are exactly training's (`xla_attention` with
-segment ids and positions).
+a segment of their own, so RoPE and masking are exactly training's (`attention_mask` from
+segment ids and positions, float32 scores and softmax as in `xla_attention`).
 """
 
 from __future__ import annotations
@@ -18,49 +18,84 @@ import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig, dtype_of
 from llama3_jax.model import LAYER_PARAMS
-from llama3_jax.model.attention import xla_attention
+from llama3_jax.model.attention import attention_mask
 from llama3_jax.model.model import (embed_tokens, final_hidden, finish_block, output_logits, project_qkv,
                                     rope_angles)
 from llama3_jax.parallel.sharding import constrain
 
-CACHE_AXES = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+# Heads before slots: both attention products are then plain batched matmuls over (batch,
+# kv head), which XLA:CPU runs several times faster than the training layout's einsums.
+CACHE_AXES = ("batch", "kv_heads", "kv_seq", "head_dim")
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {n: constrain(jnp.zeros(shape, dtype), CACHE_AXES) for n in ("k", "v")}
+    """{"k": [one array per layer], "v": [...]}: a buffer per layer, each updated in place."""
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return {n: [constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(cfg.n_layers)] for n in ("k", "v")}
 
 
 def forward_cached(params: dict, tokens, cache: dict, start, pad, cfg: ModelConfig, last_only: bool = False):
     """Logits (float32) of `tokens` [b, t], written at cache slots start .. start + t - 1, and
-    the updated cache. `pad` [b]: the number of left-pad slots of each row."""
+    the updated cache. `pad` [b]: the number of left-pad slots of each row. `params` has
+    its layers unstacked (`unstack_layers`)."""
     b, t = tokens.shape
-    length = cache["k"].shape[2]
+    length = cache["k"][0].shape[2]
     positions = start + jnp.arange(t, dtype=jnp.int32)[None, :] - pad[:, None]
     cos, sin = rope_angles(cfg, positions)
     kv_slots = jnp.arange(length, dtype=jnp.int32)[None, :]
     kv_positions = kv_slots - pad[:, None]
     kv_segments = (kv_slots >= pad[:, None]).astype(jnp.int32)  # pad slots: segment 0, never attended
-    q_segments = jnp.ones((b, t), jnp.int32)
+    mask = attention_mask(jnp.ones((b, t), jnp.int32), kv_segments, positions, kv_positions)
     x = embed_tokens(params["embed"], tokens, cfg)
 
-    def body(carry, p):
-        x, k_all, v_all, i = carry
+    ks, vs = [], []
+    # Parameters unstacked (`unstack_layers`): each layer's weights are their own buffers,
+    # read in place by the matmuls, where a scan would first copy each layer's slice out
+    # of the stack; in decoding, reading the weights is nearly the whole cost.
+    for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
         q, k, v = project_qkv(x, p, cos, sin, cfg)
-        # Written in place into the carried cache (donated by the caller): no copy per step.
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, start, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, start, 0, 0))
-        k_layer = constrain(k_all[i].astype(x.dtype), CACHE_AXES[1:])
-        v_layer = constrain(v_all[i].astype(x.dtype), CACHE_AXES[1:])
-        a = xla_attention(q, k_layer, v_layer, q_segments, kv_segments, positions, kv_positions)
-        return (finish_block(x, a, p, cfg), k_all, v_all, i + 1), None
-
-    layers = {k: params[k] for k in LAYER_PARAMS}
-    (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), layers)
+        # Written in place into the cache (donated by the caller): no copy per step.
+        k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, heads_first(k, k_cache.dtype), (0, 0, start, 0)),
+                            CACHE_AXES)
+        v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, heads_first(v, v_cache.dtype), (0, 0, start, 0)),
+                            CACHE_AXES)
+        a = cached_attention(q, k_cache.astype(x.dtype), v_cache.astype(x.dtype), mask)
+        x = finish_block(x, a, p, cfg)
+        ks.append(k_cache)
+        vs.append(v_cache)
     if last_only:
         x = x[:, -1:]
     logits = output_logits(final_hidden(x, params["norm"], cfg), params, cfg)
-    return logits, {"k": constrain(k_all, CACHE_AXES), "v": constrain(v_all, CACHE_AXES)}
+    return logits, {"k": ks, "v": vs}
+
+
+def heads_first(k, dtype):
+    """[b, t, kv_heads, hd] -> [b, kv_heads, t, hd], a cache update."""
+    return jnp.swapaxes(k, 1, 2).astype(dtype)
+
+
+def cached_attention(q, k, v, mask):
+    """q [b, t, heads, hd] over the cache's k, v [b, kv_heads, length, hd], where `mask`
+    [b, t, length] allows: `xla_attention`'s arithmetic (float32 scores and softmax)."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    q = jnp.moveaxis(q.reshape(b, t, kv, g, d), 1, 2).reshape(b, kv, t * g, d)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    allowed = jnp.broadcast_to(mask[:, None, :, None, :], (b, kv, t, g, mask.shape[-1])).reshape(scores.shape)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out.reshape(b, kv, t, g, d), 2, 1).reshape(b, t, h, d).astype(v.dtype)
+
+
+def unstack_layers(params: dict) -> dict:
+    """The stacked layer parameters as a list of per-layer dicts under "layers" (the layout
+    decoding reads fastest); the other parameters as they are."""
+    n = params["wq"].shape[0]
+    split = jax.jit(lambda stacked: [jax.tree.map(lambda w: w[i], stacked) for i in range(n)])
+    return {**{k: v for k, v in params.items() if k not in LAYER_PARAMS},
+            "layers": split({k: params[k] for k in LAYER_PARAMS})}
 
 
 def choose(logits, allowed, temperature, top_k, top_p, key):
@@ -72,20 +107,25 @@ def choose(logits, allowed, temperature, top_k, top_p, key):
     own key, so a row's tokens depend only on the seed, the step and its place in the batch.
     """
     masked = jnp.where(allowed, logits, -jnp.inf)
-    greedy = jnp.argmax(masked, axis=-1)
-    scaled = masked / jnp.maximum(temperature, 1e-6)
-    ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
     vocab = logits.shape[-1]
-    kth = jnp.take(ranked, jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1), axis=-1)
-    scaled = jnp.where(scaled >= kth[:, None], scaled, -jnp.inf)
-    # top-p: keep the smallest set of most likely tokens whose probability reaches top_p.
-    probs = jax.nn.softmax(jnp.where(ranked >= kth[:, None], ranked, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1)
-    scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-    keys = jax.random.split(key, logits.shape[0])
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    def truncate(scaled):  # top-k, then top-p: one sort, only when either is on
+        ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
+        kth = jnp.take(ranked, jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1), axis=-1)
+        # top-p: keep the smallest set of most likely tokens whose probability reaches top_p.
+        probs = jax.nn.softmax(jnp.where(ranked >= kth[:, None], ranked, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.maximum(kth, jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1))
+        return jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+
+    def draw(masked):
+        scaled = masked / jnp.maximum(temperature, 1e-6)
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1), truncate, lambda s: s, scaled)
+        keys = jax.random.split(key, logits.shape[0])
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    # Greedy decoding skips the sort and the random draw altogether.
+    tokens = jax.lax.cond(temperature > 0, draw, lambda m: jnp.argmax(m, axis=-1).astype(jnp.int32), masked)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
 

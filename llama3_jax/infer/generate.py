@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama3_jax.config import ConfigError, ModelConfig
-from llama3_jax.infer.decode import decode_step, prefill
+from llama3_jax.infer.decode import decode_step, prefill, unstack_layers
 
 BUCKET = 64
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +86,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     Reproducible for a given seed and batch: each step's keys come from (seed, step).
     """
     sampling.check()
+    if "layers" not in params:
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            params = unstack_layers(params)
     b = len(prompts)
     bucket, length = cache_length(cfg, max(len(p) for p in prompts), sampling.max_new_tokens)
     rows = b
