@@ -51,7 +51,7 @@ def main():
     import torch
     import transformers
 
-    from llama3_jax.infer.decode import unstack_layers
+    from llama3_jax.infer.quant import prepare_params
     from llama3_jax.infer.generate import Sampling, generate, load_for_inference
 
     torch.set_num_threads(os.cpu_count())
@@ -65,7 +65,7 @@ def main():
         theirs.save_pretrained(d, safe_serialization=True)
         params, cfg, _, mesh = load_for_inference(d, dtype="float32")
     with jax.set_mesh(mesh):
-        params = unstack_layers(params)
+        params = prepare_params(params)
     n_params = sum(p.numel() for p in theirs.parameters())
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; float32, greedy")

@@ -38,7 +38,7 @@ def main():
     from llama3_jax.config import load_config
     from llama3_jax.infer.decode import decode_step, prefill
     from llama3_jax.infer.generate import Sampling, cache_length, generate
-    from llama3_jax.infer.quant import param_bytes, quantize_params
+    from llama3_jax.infer.quant import param_bytes, prepare_params
     from llama3_jax.model import param_shapes
 
     over = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=512",
@@ -65,8 +65,8 @@ def main():
     knobs = (np.float32(0), np.int32(0), np.float32(1))
     allowed = np.ones(cfg.vocab_size, bool)
     for name in ("bf16", "int8"):
-        params = base if name == "bf16" else quantize_params(base, embeddings=False)
-        weight_bytes = param_bytes(params) - params["embed"].nbytes
+        params = prepare_params(base, None if name == "bf16" else "int8")
+        weight_bytes = param_bytes(params) - (params["embed"].nbytes if "output" in base else 0)
         for b in args.batches:
             bucket, length = cache_length(cfg, args.prompt_len, args.new_tokens)
             tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, bucket)).astype(np.int32)

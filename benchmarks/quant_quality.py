@@ -6,7 +6,8 @@
 
 Held-out text: this repository's own Python files, which the default run (trained on the
 standard library) never saw, cut into rows of --seq tokens. Each precision is loaded as
-`python -m llama3_jax.generate` loads it (weights and compute in that dtype).
+`python -m llama3_jax.generate` loads it (weights and compute in that dtype), and scored
+through the inference path (`infer.decode.score`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
+    from llama3_jax.infer.decode import score
     from llama3_jax.infer.generate import load_for_inference
-    from llama3_jax.infer.quant import param_bytes
-    from llama3_jax.model import forward
+    from llama3_jax.infer.quant import param_bytes, prepare_params
 
     variants = [("float32", "float32", None, False), ("bfloat16", "bfloat16", None, False),
                 ("float16", "float16", None, False), ("int8 (bf16 compute)", "bfloat16", "int8", False),
@@ -42,15 +43,15 @@ def main():
     print("-" * 63)
     ppl = {}
     for name, dtype, quantize, embeddings in variants:
-        params, cfg, tok, _ = load_for_inference(args.run, dtype=dtype, quantize=quantize,
-                                                 quantize_embeddings=embeddings)
+        params, cfg, tok, _ = load_for_inference(args.run, dtype=dtype)
+        params = prepare_params(params, quantize, embeddings)
         if rows is None:
             ids = np.asarray(tok.encode(text)[:args.rows * args.seq], np.int32)
             rows = ids[:len(ids) // args.seq * args.seq].reshape(-1, args.seq)
 
         @jax.jit
         def nll(params, tokens):
-            logp = jax.nn.log_softmax(forward(params, tokens, cfg)[:, :-1].astype(jnp.float32), axis=-1)
+            logp = jax.nn.log_softmax(score(params, tokens, cfg)[:, :-1], axis=-1)
             return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).sum()
 
         total = sum(float(nll(params, rows[i:i + 8])) for i in range(0, len(rows), 8))

@@ -15,9 +15,9 @@ import transformers
 from llama3_jax.config import ConfigError
 from llama3_jax.formats import convert
 from llama3_jax.infer import cli
-from llama3_jax.infer.decode import choose, empty_cache, forward_cached, unstack_layers
+from llama3_jax.infer.decode import choose, empty_cache, forward_cached, score
 from llama3_jax.infer.generate import Sampling, allowed_ids, as_dtype, generate, load_for_inference
-from llama3_jax.infer.quant import param_bytes, quantize_params
+from llama3_jax.infer.quant import param_bytes, prepare_params
 from llama3_jax.model import PARAM_AXES, forward
 from llama3_jax.parallel.sharding import make_mesh, param_sharding
 
@@ -84,7 +84,7 @@ def test_cached_decode_logits_equal_on_a_mesh(loaded, mesh_shape):
 
     def decode(params, mesh=None):
         with jax.set_mesh(mesh) if mesh else __import__("contextlib").nullcontext():
-            params = unstack_layers(params)
+            params = prepare_params(params)
             cache = jax.jit(lambda: empty_cache(cfg, 2, 16, jnp.float32))()
             run = jax.jit(lambda p, t, c, s: forward_cached(p, t, c, s, pad, cfg))
             _, cache = run(params, tokens, cache, jnp.int32(0))
@@ -127,27 +127,27 @@ def test_top_k_and_top_p_keep_only_the_likeliest_ids():
     np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.15, 0.05], atol=0.07)
 
 
-def held_out_perplexity(params, cfg, tok) -> float:
+def held_out_perplexity(logits_of, params, cfg, tok) -> float:
     ids = tok.encode((REPO / "llama3_jax" / "model" / "model.py").read_text())[:8 * 64]  # code, not trained on
     tokens = jnp.asarray(np.asarray(ids, np.int32).reshape(8, 64))
-    logp = jax.nn.log_softmax(forward(params, tokens, cfg)[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-    return float(jnp.exp(nll))
+    logp = jax.nn.log_softmax(logits_of(params, tokens, cfg)[:, :-1], axis=-1)
+    return float(jnp.exp(-jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()))
 
 
 def test_int8_and_bf16_perplexity_stay_close_and_int8_halves_memory(loaded):
     import dataclasses
     params, cfg, tok, _ = loaded
-    fp32 = held_out_perplexity(params, cfg, tok)
+    fp32 = held_out_perplexity(score, prepare_params(params), cfg, tok)  # the inference path (a full prefill)
+    assert abs(fp32 / held_out_perplexity(forward, params, cfg, tok) - 1) < 1e-5  # equals the training forward
     bf16_cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16")
     bf16 = as_dtype(params, "bfloat16")
-    int8 = quantize_params(bf16, embeddings=True)
-    ppl_bf16, ppl_int8 = held_out_perplexity(bf16, bf16_cfg, tok), held_out_perplexity(int8, bf16_cfg, tok)
-    print(f"perplexity fp32 {fp32:.3f} bf16 {ppl_bf16:.3f} int8 {ppl_int8:.3f}")
+    int8 = prepare_params(bf16, "int8", embeddings=True)
+    ppl_bf16 = held_out_perplexity(score, prepare_params(bf16), bf16_cfg, tok)
+    ppl_int8 = held_out_perplexity(score, int8, bf16_cfg, tok)
     assert fp32 < cfg.vocab_size / 2  # trained: far below a uniform guess
     assert abs(ppl_bf16 / fp32 - 1) < 0.005
     assert abs(ppl_int8 / ppl_bf16 - 1) < 0.01
-    assert param_bytes(int8) < 0.55 * param_bytes(bf16)
+    assert param_bytes(int8) < 0.55 * param_bytes(prepare_params(bf16))
 
 
 def test_command_streams_writes_jsonl_and_rejects_bad_input_before_compiling(trained, tmp_path, capsys):

@@ -95,25 +95,25 @@ def main(argv=None) -> int:
     from llama3_jax.config import load_mesh
     import jax
 
-    from llama3_jax.infer.decode import unstack_layers
     from llama3_jax.infer.generate import Sampling, allowed_ids, cache_length, generate, load_for_inference
-    from llama3_jax.infer.quant import param_bytes
+    from llama3_jax.infer.quant import param_bytes, prepare_params
     from llama3_jax.parallel.sharding import make_mesh
 
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         sampling.check()
+        if args.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {args.quantize!r} unknown; the one quantization is int8")
         mesh = None
         if args.mesh:
             m = load_mesh(args.mesh)
             mesh = make_mesh(dp=m.dp, fsdp=m.fsdp, pp=m.pp, cp=m.cp, tp=m.tp)
-        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, quantize=args.quantize,
-                                                    quantize_embeddings=args.quantize_embeddings, mesh=mesh,
+        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=mesh,
                                                     tokenizer=args.tokenizer)
         if tok is None:
             raise ConfigError(f"{args.src} comes with no tokenizer; pass --tokenizer PATH/tokenizer.model")
-        with jax.set_mesh(mesh):
-            params = unstack_layers(params)  # once, rather than in every generate call
+        with jax.set_mesh(mesh):  # once, rather than in every generate call
+            params = prepare_params(params, args.quantize, args.quantize_embeddings)
         print(f"# {args.src}: {cfg.n_layers} layers, dim {cfg.dim}, {args.dtype}"
               f"{' + int8 weights' if args.quantize else ''}: {param_bytes(params) / 2**20:,.1f} MiB of parameters"
               f" on {mesh.devices.size} device(s)", file=sys.stderr)

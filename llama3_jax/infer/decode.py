@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from llama3_jax.config import ModelConfig, dtype_of
-from llama3_jax.model import LAYER_PARAMS
 from llama3_jax.model.attention import attention_mask
 from llama3_jax.model.model import (embed_tokens, final_hidden, finish_block, output_logits, project_qkv,
                                     rope_angles)
@@ -37,7 +36,7 @@ def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
 def forward_cached(params: dict, tokens, cache: dict, start, pad, cfg: ModelConfig, last_only: bool = False):
     """Logits (float32) of `tokens` [b, t], written at cache slots start .. start + t - 1, and
     the updated cache. `pad` [b]: the number of left-pad slots of each row. `params` has
-    its layers unstacked (`unstack_layers`)."""
+    the inference layout (`llama3_jax.infer.quant.prepare_params`)."""
     b, t = tokens.shape
     length = cache["k"][0].shape[2]
     positions = start + jnp.arange(t, dtype=jnp.int32)[None, :] - pad[:, None]
@@ -49,9 +48,6 @@ def forward_cached(params: dict, tokens, cache: dict, start, pad, cfg: ModelConf
     x = embed_tokens(params["embed"], tokens, cfg)
 
     ks, vs = [], []
-    # Parameters unstacked (`unstack_layers`): each layer's weights are their own buffers,
-    # read in place by the matmuls, where a scan would first copy each layer's slice out
-    # of the stack; in decoding, reading the weights is nearly the whole cost.
     for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
         q, k, v = project_qkv(x, p, cos, sin, cfg)
         # Written in place into the cache (donated by the caller): no copy per step.
@@ -87,15 +83,6 @@ def cached_attention(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32)
     return jnp.moveaxis(out.reshape(b, kv, t, g, d), 2, 1).reshape(b, t, h, d).astype(v.dtype)
-
-
-def unstack_layers(params: dict) -> dict:
-    """The stacked layer parameters as a list of per-layer dicts under "layers" (the layout
-    decoding reads fastest); the other parameters as they are."""
-    n = params["wq"].shape[0]
-    split = jax.jit(lambda stacked: [jax.tree.map(lambda w: w[i], stacked) for i in range(n)])
-    return {**{k: v for k, v in params.items() if k not in LAYER_PARAMS},
-            "layers": split({k: params[k] for k in LAYER_PARAMS})}
 
 
 def choose(logits, allowed, temperature, top_k, top_p, key):
@@ -145,6 +132,15 @@ def decode_step(params, cache, last, slot, pad, knobs, allowed, key, *, cfg: Mod
     their log-probs and the cache (donated: updated in place)."""
     logits, cache = forward_cached(params, last[:, None], cache, slot, pad, cfg)
     return (*replicated(choose(logits[:, -1], allowed, *knobs, key)), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def score(params, tokens, cfg: ModelConfig):
+    """float32 logits [b, t, vocab] of whole rows through the inference path (a prefill of
+    every position): for perplexity in the inference dtype and quantization."""
+    b, t = tokens.shape
+    cache = empty_cache(cfg, b, t, dtype_of(cfg.compute_dtype))
+    return forward_cached(params, tokens, cache, jnp.int32(0), jnp.zeros(b, jnp.int32), cfg)[0]
 
 
 def replicated(arrays):

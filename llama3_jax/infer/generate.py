@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama3_jax.config import ConfigError, ModelConfig
-from llama3_jax.infer.decode import decode_step, prefill, unstack_layers
+from llama3_jax.infer.decode import decode_step, prefill
+from llama3_jax.infer.quant import prepare_params
 
 BUCKET = 64
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,9 +87,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     Reproducible for a given seed and batch: each step's keys come from (seed, step).
     """
     sampling.check()
-    if "layers" not in params:
+    if "layers" not in params:  # the training layout: prepare_params once yourself to reuse it
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            params = unstack_layers(params)
+            params = prepare_params(params)
     b = len(prompts)
     bucket, length = cache_length(cfg, max(len(p) for p in prompts), sampling.max_new_tokens)
     rows = b
@@ -130,21 +131,19 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     return Generation(out, logps, finish)
 
 
-def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16", quantize: str | None = None,
-                       quantize_embeddings: bool = False, mesh=None, tokenizer=None):
-    """(params, model config, tokenizer or None) from a run directory (latest or `step`), a
-    converted checkpoint, or a Hugging Face or Meta directory. Errors come before any compile."""
+def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16", mesh=None, tokenizer=None):
+    """(params in the training layout, model config, tokenizer or None, mesh) from a run
+    directory (latest or `step`), a converted checkpoint, or a Hugging Face or Meta
+    directory. Errors come before any compile. `prepare_params` gives the inference layout
+    (and int8)."""
     from llama3_jax.formats.run import RunSource, read_config, run_tokenizer
     from llama3_jax.formats.bpe import load_tokenizer
     from llama3_jax.formats.weights import load_params, open_source
-    from llama3_jax.infer.quant import quantize_params
     from llama3_jax.model import PARAM_AXES, param_shapes
     from llama3_jax.parallel.sharding import make_mesh, param_sharding
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"--quantize {quantize!r} unknown; the one quantization is int8")
     source = RunSource(src, step=step) if step is not None else open_source(src)
     cfg = dataclasses.replace(source.model, param_dtype=dtype, compute_dtype=dtype, remat="none",
                               attention_impl="xla")
@@ -164,11 +163,7 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
         raise ConfigError("inference runs on dp, fsdp and tp meshes; this mesh has pp or cp > 1: pick a mesh "
                           "without them (for example --mesh with tp only)")
     shardings = {n: param_sharding(n, PARAM_AXES[n], s, mesh) for n, s in param_shapes(cfg).items()}
-    params = load_params(source, shardings, dtype)
-    if quantize == "int8":
-        with jax.set_mesh(mesh):
-            params = quantize_params(params, embeddings=quantize_embeddings)
-    return params, cfg, tok, mesh
+    return load_params(source, shardings, dtype), cfg, tok, mesh
 
 
 def as_dtype(params: dict, dtype: str) -> dict:

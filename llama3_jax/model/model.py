@@ -156,10 +156,14 @@ def linear(x, ws: tuple, inputs: int = 1) -> tuple:
     return _linear_fwd(x, ws, inputs)[0]
 
 
-def _contract(a, b, n: int):
+def _contract(a, b, n: int, preferred=None):
     """Contract a's last n dimensions with b's first n, without merging dimensions: a merged
-    [b * s] would lose a sequence sharding (context parallelism)."""
-    return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ())))
+    [b * s] would lose a sequence sharding (context parallelism). A weight that brings its
+    own product (`rmatmul`: the inference layouts of `llama3_jax.infer.quant`) computes it."""
+    if hasattr(b, "rmatmul"):
+        return b.rmatmul(a, n, preferred)
+    return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ())),
+                               preferred_element_type=preferred)
 
 
 def tokens_last(x):
@@ -194,9 +198,9 @@ def swiglu(h, w1, w3, w2):
 
 
 def _swiglu_fwd(h, w1, w3, w2):
-    gate = checkpoint_name(constrain(jnp.einsum("bsd,df->bsf", h, w1), ("batch", "seq", "mlp")), "mlp_gate")
-    up = checkpoint_name(constrain(jnp.einsum("bsd,df->bsf", h, w3), ("batch", "seq", "mlp")), "mlp_up")
-    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w2), (h, w1, w3, w2, gate, up)
+    gate = checkpoint_name(constrain(_contract(h, w1, 1), ("batch", "seq", "mlp")), "mlp_gate")
+    up = checkpoint_name(constrain(_contract(h, w3, 1), ("batch", "seq", "mlp")), "mlp_up")
+    return _contract(jax.nn.silu(gate) * up, w2, 1), (h, w1, w3, w2, gate, up)
 
 
 def _swiglu_bwd(res, dy):
@@ -270,14 +274,14 @@ def final_hidden(x, norm_weight, cfg: ModelConfig):
 
 
 def output_head(params: dict, cfg: ModelConfig):
-    """The output projection [dim, vocab] (the embedding's transpose when tied)."""
-    return params["embed"].T if cfg.tie_embeddings else params["output"]
+    """The output projection [dim, vocab] (the embedding's transpose when tied); an inference
+    layout may bring its own "output" for a tied model."""
+    return params["output"] if "output" in params else params["embed"].T
 
 
 def output_logits(h, params: dict, cfg: ModelConfig):
     """float32 logits [b, s, vocab] (vocab sharded under tensor parallelism)."""
-    logits = jnp.einsum("bsd,dv->bsv", h, output_head(params, cfg).astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = _contract(h, output_head(params, cfg).astype(h.dtype), 1, jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))
 
 
