@@ -2,8 +2,8 @@
 jitted one-token decode step, and the sampler they share.
 
 The cache holds keys and values as one [batch, kv_heads, length, head_dim] array per layer
-(GQA: the kv heads, not the query heads), sharded by the training rule table (batch over dp/fsdp, kv
-heads over tp). Prompts are left-padded to one length, so every row writes the same cache
+(GQA: the kv heads, not the query heads), sharded by the training rule table (batch over
+dp/fsdp, kv heads over tp). Prompts are left-padded to one length, so every row writes the same cache
 slot at each step; a row's positions start at 0 at its first real token, and pad slots are
 a segment of their own, so RoPE and masking are exactly training's (`attention_mask` from
 segment ids and positions, float32 scores and softmax as in `xla_attention`).
@@ -23,7 +23,8 @@ from llama3_jax.model.model import (embed_tokens, final_hidden, finish_block, ou
 from llama3_jax.parallel.sharding import constrain
 
 # Heads before slots: both attention products are then plain batched matmuls over (batch,
-# kv head), which XLA:CPU runs several times faster than the training layout's einsums.
+# kv head): at batch 8 on XLA:CPU, attention over the cache took about half the time of
+# the training layout's einsums.
 CACHE_AXES = ("batch", "kv_heads", "kv_seq", "head_dim")
 
 
