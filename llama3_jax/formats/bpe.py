@@ -36,9 +36,14 @@ def load_tokenizer(path) -> Tokenizer:
 
 def check_tokenizer_fits(path, cfg) -> Tokenizer:
     """The tokenizer at `path`, checked to have no more ids than the model's vocabulary."""
-    tok = load_tokenizer(path)
+    return check_fits(load_tokenizer(path), cfg)
+
+
+def check_fits(tok: Tokenizer, cfg, fix: str = "") -> Tokenizer:
+    """`tok`, checked to have no more ids than the model's vocabulary; `fix` ends the error."""
     if tok.n_words > cfg.vocab_size:
-        raise ConfigError(f"tokenizer {path} has {tok.n_words} ids but the model's vocab_size is {cfg.vocab_size}")
+        raise ConfigError(f"tokenizer {tok.path} has {tok.n_words} ids but the model's vocab_size is "
+                          f"{cfg.vocab_size}{fix}")
     return tok
 
 

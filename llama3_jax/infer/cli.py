@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     from llama3_jax.config import load_mesh
     import jax
 
-    from llama3_jax.infer.generate import Sampling, allowed_ids, cache_length, generate, load_for_inference
+    from llama3_jax.infer.generate import (Sampling, allowed_ids, cache_length, completion, generate,
+                                           load_for_inference)
     from llama3_jax.infer.quant import param_bytes, prepare_params
     from llama3_jax.parallel.sharding import make_mesh
 
@@ -129,8 +130,7 @@ def main(argv=None) -> int:
             for i in range(0, len(rows), args.batch_size):
                 g = generate(params, cfg, ids[i:i + args.batch_size], sampling, **run)
                 for row, t, lp, fin in zip(rows[i:i + args.batch_size], g.tokens, g.logprobs, g.finish):
-                    text = tok.decode([x for x in t if x not in tok.stop_ids])
-                    out.write(json.dumps({**row, "completion": text, "tokens": t, "logprobs": lp,
+                    out.write(json.dumps({**row, "completion": completion(tok, t), "tokens": t, "logprobs": lp,
                                           "finish": fin}) + "\n")
                 out.flush()
             if args.out:
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
                 print("assistant> ", end="", flush=True)
                 g = generate(params, cfg, [tok.encode_dialog(messages)], sampling, on_tokens=Stream(tok), **run)
                 print()
-                messages.append({"role": "assistant",
-                                 "content": tok.decode([x for x in g.tokens[0] if x not in tok.stop_ids])})
+                messages.append({"role": "assistant", "content": completion(tok, g.tokens[0])})
             return 0
 
         prompts = args.prompt or [""]
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
         else:
             g = generate(params, cfg, ids, sampling, **run)
             for p, t in zip(prompts, g.tokens):
-                print(p + tok.decode([x for x in t if x not in tok.stop_ids]))
+                print(p + completion(tok, t))
         return 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,9 +3,9 @@ jitted one-token decode step, and the sampler they share.
 
 The cache holds keys and values as one [batch, kv_heads, length, head_dim] array per layer
 (GQA: the kv heads, not the query heads), sharded by the training rule table (batch over
-dp/fsdp, kv heads over tp). Prompts are left-padded to one length, so every row writes the same cache
-slot at each step; a row's positions start at 0 at its first real token, and pad slots are
-a segment of their own, so RoPE and masking are exactly training's (`attention_mask` from
+dp/fsdp, kv heads over tp). Prompts are left-padded to one length, so every row writes the
+same cache slot at each step; a row's positions start at 0 at its first real token, and
+pad slots are a segment of their own, so RoPE and masking are exactly training's (`attention_mask` from
 segment ids and positions, float32 scores and softmax as in `xla_attention`).
 """
 

@@ -64,6 +64,11 @@ def allowed_ids(vocab_size: int, tokenizer=None, stop_ids=()) -> np.ndarray:
     return allowed
 
 
+def completion(tok, ids) -> str:
+    """The text of generated ids, without the stop token that ended them."""
+    return tok.decode([i for i in ids if i not in tok.stop_ids])
+
+
 def cache_length(cfg: ModelConfig, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
     """(prompt bucket, cache length), or a ConfigError before anything compiles."""
     need = longest_prompt + max_new_tokens
@@ -87,9 +92,6 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     Reproducible for a given seed and batch: each step's keys come from (seed, step).
     """
     sampling.check()
-    if "layers" not in params:  # the training layout: prepare_params once yourself to reuse it
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            params = prepare_params(params)
     b = len(prompts)
     bucket, length = cache_length(cfg, max(len(p) for p in prompts), sampling.max_new_tokens)
     rows = b
@@ -111,6 +113,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     logps = [[] for _ in range(b)]
     live = np.ones(b, bool)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if "layers" not in params:  # the training layout: prepare_params once yourself to reuse it
+            params = prepare_params(params)
         tok, logp, cache = prefill(params, tokens, pad, knobs, allowed, jax.random.fold_in(base, 0),
                                    cfg=cfg, length=length, cache_dtype=cache_dtype)
         for step in range(sampling.max_new_tokens):
@@ -137,7 +141,7 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
     directory. Errors come before any compile. `prepare_params` gives the inference layout
     (and int8)."""
     from llama3_jax.formats.run import RunSource, read_config, run_tokenizer
-    from llama3_jax.formats.bpe import load_tokenizer
+    from llama3_jax.formats.bpe import check_fits, load_tokenizer
     from llama3_jax.formats.weights import load_params, open_source
     from llama3_jax.model import PARAM_AXES, param_shapes
     from llama3_jax.parallel.sharding import make_mesh, param_sharding
@@ -155,9 +159,8 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
             tok = run_tokenizer(run_cfg, src)
         elif (pathlib.Path(src) / "tokenizer.model").is_file():
             tok = load_tokenizer(pathlib.Path(src) / "tokenizer.model")
-    if tok is not None and tok.n_words > cfg.vocab_size:
-        raise ConfigError(f"tokenizer {tok.path} has {tok.n_words} tokens but the model's vocabulary is "
-                          f"{cfg.vocab_size}: it belongs to another model; pass the model's own with --tokenizer")
+    if tok is not None:
+        check_fits(tok, cfg, ": it belongs to another model; pass the model's own with --tokenizer")
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
     if mesh.shape.get("pp", 1) > 1 or mesh.shape.get("cp", 1) > 1:
         raise ConfigError("inference runs on dp, fsdp and tp meshes; this mesh has pp or cp > 1: pick a mesh "

@@ -8,7 +8,7 @@ decoding reads fastest:
   (`OutFirst.rmatmul`): XLA:CPU runs a few rows of activations through a weight about twice
   as fast that way round (measured: 3.7 against 7.2 ms for this model's layer matmuls at
   batch 8, dim 512);
-- with `quantize="int8"`, weight-only int8 with one float32 scale per output channel
+- with `quantize_to="int8"`, weight-only int8 with one float32 scale per output channel
   (`Int8Weight`), dequantized to the compute dtype inside the jitted step.
 
 Written with `jax.numpy` rather than AQT or Qwix: both quantize by intercepting a Flax

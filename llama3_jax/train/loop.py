@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     from llama3_jax.data.report import describe_sources, format_report
     from llama3_jax.formats import run as run_dir
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
-    from llama3_jax.infer.generate import Sampling, allowed_ids, generate
+    from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
     from llama3_jax.model import flops_per_token, param_count
     from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
     from llama3_jax.train import recovery
@@ -335,13 +335,12 @@ def main(argv=None) -> int:
     stops = sorted(tok.stop_ids)
     ids = generate(state["params"], cfg.model, [prompt], Sampling(tc.sample_tokens, temperature=0.8, seed=tc.seed),
                    stop_ids=stops, allowed=allowed_ids(cfg.model.vocab_size, tok, stops), mesh=trainer.mesh).tokens[0]
-    ids = [i for i in ids if i not in tok.stop_ids]
     if is_main:
         png = plot_loss(out)
         print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")
         print(f"checkpoints: {run_dir.checkpoint_dir(out)} (steps {sorted(mngr.all_steps())})")
         print(f"loss curve:  {png}")
-        print(f"sample:      {tc.sample_prompt + tok.decode(ids)!r}")
+        print(f"sample:      {tc.sample_prompt + completion(tok, ids)!r}")
     return 0
 
 
