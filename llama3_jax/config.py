@@ -72,6 +72,7 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     max_seq_len: int = 8192
     tie_embeddings: bool = False
+    value_head: bool = False  # a scalar head on the final hidden state (reward model; set by train.stage=rm)
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"  # xla | xla_chunked | jax_nn (see model/attention.py)
@@ -132,6 +133,12 @@ class DataSource:
 class DataConfig:
     # Empty list = the embedded default corpus (this Python's standard library sources).
     sources: tuple[DataSource, ...] = ()
+    # One source by path (instead of [[data.sources]]); for post-training, the JSONL or
+    # Parquet rows of the stage ("" = the synthetic arithmetic task).
+    path: str = ""
+    # Post-training rows that are bad (an unknown role, a missing field, longer than
+    # seq_len): an error naming the file and line, or counted and skipped when true.
+    skip_bad_rows: bool = False
     # Empty = the project's own small BPE trained on the default corpus (cached); else a
     # Meta tokenizer.model path.
     tokenizer: str = ""
@@ -149,8 +156,12 @@ class DataConfig:
     max_bad_row_fraction: float = 0.01
 
 
+STAGES = ("pretrain", "sft", "rm", "dpo")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    stage: str = "pretrain"  # pretrain | sft | rm | dpo (llama3_jax.align)
     steps: int = 200
     global_batch: int = 16
     micro_batches: int = 1
@@ -194,13 +205,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """Post-training (Llama 3 paper section 4): DPO and the reward model."""
+    # DPO: beta, and an NLL term on the chosen answers (per token) with this coefficient.
+    dpo_beta: float = 0.1
+    dpo_nll_coef: float = 0.2
+    # Formatting tokens (headers, <|eot_id|>) are left out of the DPO log-ratios.
+    dpo_mask_formatting: bool = True
+    # The frozen reference: a run or converted checkpoint; "" = train.init_from.
+    reference: str = ""
+    # Rows of the synthetic arithmetic task when data.path is empty, and its operands' range.
+    task_rows: int = 2000
+    task_max_operand: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "align": AlignConfig}
 
 
 def _coerce(value, typ, where: str):
@@ -383,13 +410,10 @@ def load_mesh(name_or_path: str | None = None) -> MeshConfig:
 
 # ---------------------------------------------------------------- validation
 
-SOURCE_KINDS = ("auto", "text", "jsonl", "parquet")
-
-
 def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: int = 1) -> dict:
     """Every check of a run's settings that needs no data read and no compile: the model,
     the mesh against the devices, heads, sequence and batch divisibility, the pipeline, the
-    processes and the data sources. Returns the mesh's {axis: size}."""
+    processes (the data sources: `data.check_data`). Returns the mesh's {axis: size}."""
     m, t = cfg.model, cfg.train
     m.validate()
     sizes = mesh_cfg.resolve(n_devices)
@@ -411,6 +435,11 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
                           f"cp={cp}")
     if pp > 1:  # pipeline settings first: the batch checks below divide by them
         _check_pipeline(m, mesh_cfg, pp)
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage={t.stage!r} unknown; choose one of {', '.join(STAGES)}")
+    if t.stage in ("rm", "dpo") and (pp > 1 or t.global_batch % (2 * max(t.micro_batches, 1))):
+        raise ConfigError(f"train.stage={t.stage} trains on pairs of rows: give a train.global_batch divisible by "
+                          "2 x train.micro_batches, and a mesh without pp")
     if t.global_batch < 1 or t.micro_batches < 1:
         raise ConfigError("train.global_batch and train.micro_batches must be positive")
     if t.global_batch % t.micro_batches:
@@ -426,7 +455,6 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
     if per_micro % data_ways:
         raise ConfigError(f"a micro-batch of {per_micro} rows does not divide over dp*fsdp={data_ways} devices; "
                           "change train.global_batch, train.micro_batches or the mesh")
-    check_data(cfg.data, t.global_batch, process_count)
     return sizes
 
 
@@ -450,41 +478,3 @@ def _check_pipeline(m: ModelConfig, mesh_cfg: MeshConfig, pp: int) -> None:
                 "stage without layers; use fewer stages")
     elif L % n:
         raise ConfigError(f"model.n_layers={L} is not divisible into pp*pp_virtual_stages={pp}*{V}={n} stages")
-
-
-def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> None:
-    """The data settings against the batch and the processes, and each source's entry
-    (weight, kind, path). What the files hold is checked when they are read."""
-    if data.seq_len <= 0:
-        raise ConfigError(f"data.seq_len must be positive, got {data.seq_len}")
-    if process_count <= 0:
-        raise ConfigError(f"the process count must be positive, got {process_count}")
-    if global_batch <= 0:
-        raise ConfigError(f"train.global_batch must be positive, got {global_batch}")
-    if global_batch % process_count:
-        raise ConfigError(f"train.global_batch={global_batch} is not divisible by the number of processes "
-                          f"({process_count}); pick a global batch that is a multiple of {process_count}")
-    shards = data.shards or process_count
-    if data.shards < 0 or shards % process_count or global_batch % shards:
-        raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} process(es) and "
-                          f"divide train.global_batch={global_batch}")
-    if not 0 <= data.max_bad_row_fraction <= 1:
-        raise ConfigError(f"data.max_bad_row_fraction must be in [0, 1] (1 = never stop for bad rows), "
-                          f"got {data.max_bad_row_fraction}")
-    for source in data.sources:
-        check_source(source)
-
-
-def check_source(s: DataSource) -> None:
-    """One [[data.sources]] entry: a positive weight, a known kind, a path that exists."""
-    w = s.weight
-    if not math.isfinite(w) or w <= 0:
-        raise ConfigError(f"data source {s.path!r}: weight must be a positive number, got {w!r}; drop the "
-                          "source instead of giving it weight 0")
-    if s.kind.lower() not in SOURCE_KINDS:
-        raise ConfigError(f"data source {s.path!r}: unknown kind {s.kind!r}; use one of {', '.join(SOURCE_KINDS)}")
-    path = pathlib.Path(s.path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data source path {str(path)!r} does not exist; fix `path` of this entry in [data] sources "
-            "(or leave `sources` empty to train on the default corpus)")

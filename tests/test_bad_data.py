@@ -16,6 +16,7 @@ import pytest
 from test_data import TOK, run_to_end
 
 from llama3_jax import config
+from llama3_jax.data import sources
 from llama3_jax.config import ConfigError, DataSource
 from llama3_jax.data import ShardedBatches, check_bad_rows, make_iterator
 
@@ -189,7 +190,7 @@ def test_too_many_bad_rows_is_one_line_naming_the_fix():
     assert "21 of the 2000" in msg and "data.max_bad_row_fraction" in msg and "\n" not in msg
     for wrong in (-0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="max_bad_row_fraction"):
-            config.check_data(dataclasses.replace(cfg, max_bad_row_fraction=wrong), global_batch=2)
+            sources.check_data(dataclasses.replace(cfg, max_bad_row_fraction=wrong), global_batch=2)
 
 
 def test_resume_after_raising_the_limit_and_from_a_state_without_counts(tmp_path):

@@ -28,14 +28,15 @@ The iterator is checkpointable: `get_state()` is a JSON-serialisable dict and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from llama3_jax.config import ConfigError, DataConfig, check_data
-from llama3_jax.data.sources import BadRow, open_sources
+from llama3_jax.config import ConfigError, DataConfig
+from llama3_jax.data.sources import BadRow, check_data, open_sources
 
 __all__ = ["DataIterator", "ShardedBatches", "encode_document", "make_iterator"]
 
@@ -342,15 +343,18 @@ class ShardedBatches:
     """
 
     def __init__(self, data: DataConfig, tokenizer, *, global_batch: int, seq_len: int,
-                 process_index: int = 0, process_count: int = 1, **kw):
+                 process_index: int = 0, process_count: int = 1, make=None, **kw):
+        """`make(global_batch=, seq_len=, process_index=, process_count=)` builds one shard's
+        iterator (default: `make_iterator` over the configured documents)."""
         check_data(data, global_batch, process_count)
         shards = data.shards or process_count
         per_process = shards // process_count
         self.shard_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
-        self.sources = sources = open_sources(data)
         self.shards, self.data_shards = shards, data.shards
-        self.iterators = [make_iterator(data, tokenizer, global_batch=global_batch, seq_len=seq_len,
-                                        process_index=s, process_count=shards, sources=sources, **kw)
+        if make is None:
+            self.sources = sources = open_sources(data)
+            make = functools.partial(make_iterator, data, tokenizer, sources=sources, **kw)
+        self.iterators = [make(global_batch=global_batch, seq_len=seq_len, process_index=s, process_count=shards)
                           for s in self.shard_ids]
 
     def __iter__(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import pathlib
 import threading
@@ -15,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from llama3_jax.config import ConfigError, DataConfig, DataSource, check_source
+from llama3_jax.config import ConfigError, DataConfig, DataSource
 from llama3_jax.data.corpus import default_corpus_files
+
+SOURCE_KINDS = ("auto", "text", "jsonl", "parquet")
+
+
+def configured_sources(data: DataConfig) -> tuple[DataSource, ...]:
+    """[[data.sources]], or the one source of data.path; empty = the default corpus."""
+    return (DataSource(path=data.path),) if data.path else data.sources
 
 
 def resolve_kind(source: DataSource) -> str:
@@ -279,9 +287,9 @@ def document_source(source: DataSource):
 def open_sources(data: DataConfig) -> list[tuple[str, object, float]]:
     """(name, documents, weight) of every configured source (each file indexed once), or
     of the default corpus when none is configured."""
-    if not data.sources:
+    if not configured_sources(data):
         return [("<default corpus>", _default_corpus_source(), 1.0)]
-    return [(s.path, document_source(s), float(s.weight)) for s in data.sources]
+    return [(s.path, document_source(s), float(s.weight)) for s in configured_sources(data)]
 
 
 def _default_corpus_source():
@@ -293,3 +301,43 @@ def _default_corpus_source():
     # The standard library keeps a few test files in other encodings on purpose; the
     # embedded corpus reads them with replacement characters rather than report them.
     return TextFiles(files, replace_errors=True)
+
+
+def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> None:
+    """The data settings against the batch and the processes, and each source's entry
+    (weight, kind, path). What the files hold is checked when they are read."""
+    if data.seq_len <= 0:
+        raise ConfigError(f"data.seq_len must be positive, got {data.seq_len}")
+    if process_count <= 0:
+        raise ConfigError(f"the process count must be positive, got {process_count}")
+    if global_batch <= 0:
+        raise ConfigError(f"train.global_batch must be positive, got {global_batch}")
+    if global_batch % process_count:
+        raise ConfigError(f"train.global_batch={global_batch} is not divisible by the number of processes "
+                          f"({process_count}); pick a global batch that is a multiple of {process_count}")
+    shards = data.shards or process_count
+    if data.shards < 0 or shards % process_count or global_batch % shards:
+        raise ConfigError(f"data.shards={shards} must be a multiple of the {process_count} process(es) and "
+                          f"divide train.global_batch={global_batch}")
+    if not 0 <= data.max_bad_row_fraction <= 1:
+        raise ConfigError(f"data.max_bad_row_fraction must be in [0, 1] (1 = never stop for bad rows), "
+                          f"got {data.max_bad_row_fraction}")
+    if data.path and data.sources:
+        raise ConfigError("set data.path (one source) or [[data.sources]], not both")
+    for source in configured_sources(data):
+        check_source(source)
+
+
+def check_source(s: DataSource) -> None:
+    """One [[data.sources]] entry: a positive weight, a known kind, a path that exists."""
+    w = s.weight
+    if not math.isfinite(w) or w <= 0:
+        raise ConfigError(f"data source {s.path!r}: weight must be a positive number, got {w!r}; drop the "
+                          "source instead of giving it weight 0")
+    if s.kind.lower() not in SOURCE_KINDS:
+        raise ConfigError(f"data source {s.path!r}: unknown kind {s.kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    path = pathlib.Path(s.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source path {str(path)!r} does not exist; fix `path` of this entry in [data] sources "
+            "(or leave `sources` empty to train on the default corpus)")

@@ -37,6 +37,7 @@ PARAM_AXES = {
     "w2": ("layers", "mlp", "embed"),
     "norm": ("embed_norm",),
     "output": ("embed", "vocab"),
+    "value_head": ("embed_norm",),
 }
 LAYER_PARAMS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
 
@@ -53,6 +54,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not cfg.tie_embeddings:
         shapes["output"] = (d, V)
+    if cfg.value_head:
+        shapes["value_head"] = (d,)
     return shapes
 
 
@@ -306,6 +309,11 @@ def hidden_states(params: dict, tokens, segment_ids, positions, cfg: ModelConfig
 def forward(params: dict, tokens, cfg: ModelConfig, segment_ids=None, positions=None):
     """Logits [b, s, vocab] in float32 from raw parameter arrays (a pure function)."""
     return output_logits(hidden_states(params, tokens, segment_ids, positions, cfg), params, cfg)
+
+
+def value_of(h, params: dict):
+    """The scalar head on final hidden states [..., dim] -> [...] in float32."""
+    return jnp.einsum("...d,d->...", h, params["value_head"].astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def _init_std(name: str, cfg: ModelConfig) -> float:

@@ -3,5 +3,5 @@ mesh), the pipeline schedule over `pp`, metrics, the loop that train.py runs, an
 keeps a long run alive: bad-step guard, rollback, watchdog and fault hooks (`recovery`),
 the restart supervisor (`supervise`) and goodput accounting (`goodput`).
 
-Imports: everything below it (config, parallel, model, data, formats, infer).
+Imports: everything below it (config, parallel, model, data, formats, infer, align).
 """

@@ -2,11 +2,13 @@
 
     llama3-train --config CONFIG --mesh MESH --steps N --out DIR [section.key=value ...]
     python train.py ...          (the same, from a checkout)
+    python train.py --stage sft|rm|dpo ...   (post-training; see llama3_jax.align.stages)
 
 Running the same command again with the same --out resumes from the latest checkpoint.
 """
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -25,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="debug", help="preset name in configs/ or a .toml path")
     p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (default: one device)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--stage", default=None, help="pretrain (default), sft, rm or dpo (sets train.stage)")
     p.add_argument("--out", default="runs/default", help="run directory: metrics, checkpoints, plots")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
         if args.max_restarts < 0 or args.compile_only:
             raise ConfigError("--max-restarts needs a count of 1 or more, and a training run (not --compile-only)")
         return supervise.supervise(sys.argv[1:] if argv is None else list(argv), args.out, args.max_restarts)
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else []) + \
+        ([f"train.stage={args.stage}"] if args.stage else [])
     cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
     if args.topology and not args.compile_only:
         raise ConfigError("--topology describes hardware to compile for: add --compile-only")
@@ -123,7 +127,13 @@ def main(argv=None) -> int:
 
     # --- validate everything before compiling or touching the run directory
     check_out_dir(out)
-    trainer = Trainer(cfg, mesh_cfg)
+    post = tc.stage != "pretrain"
+    if post:
+        from llama3_jax.align import stages
+        cfg = stages.configure(cfg, out)
+        trainer = Trainer(cfg, mesh_cfg, objective=stages.objective(cfg), batch_axes=stages.batch_axes(cfg))
+    else:
+        trainer = Trainer(cfg, mesh_cfg)
     # The default BPE depends on this Python's stdlib, so a run keeps its own copy and
     # resumes (or exports) with it on any machine.
     tok = run_dir.run_tokenizer(cfg, out)
@@ -133,13 +143,22 @@ def main(argv=None) -> int:
         raise ConfigError(f"the tokenizer has {tok.n_words} ids but model.vocab_size={cfg.model.vocab_size}; "
                           f"set model.vocab_size={tok.n_words} or use a matching tokenizer")
     init_source = open_source(tc.init_from) if tc.init_from else None
+    # The weights a run starts from (a reward model's new value head keeps its initialisation).
+    init_shardings = {k: v for k, v in param_shardings(cfg.model, trainer.mesh).items()
+                      if init_source is None or k != "value_head" or init_source.model.value_head}
     if init_source is not None:
-        check_same_model(init_source, cfg.model, f"train.init_from={tc.init_from}")
-    batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-    run_tokens = tc.steps * tc.global_batch * cfg.data.seq_len
-    for line in format_report(describe_sources(batches.sources, tok, run_tokens=run_tokens)):
-        log(line)
+        check_same_model(init_source, dataclasses.replace(cfg.model, value_head=init_source.model.value_head),
+                         f"train.init_from={tc.init_from}")
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if post:
+        make, _ = stages.batches(cfg, tok, **where, log=log)
+        batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                                 make=make, **where)
+    else:
+        batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len, **where)
+        run_tokens = tc.steps * tc.global_batch * cfg.data.seq_len
+        for line in format_report(describe_sources(batches.sources, tok, run_tokens=run_tokens)):
+            log(line)
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "tokenizer.model"
     if not cfg.data.tokenizer and not kept.exists() and is_main:
@@ -166,14 +185,22 @@ def main(argv=None) -> int:
     else:
         start, init_params = 0, None
         if init_source is not None:
-            init_params = load_params(init_source, param_shardings(cfg.model, trainer.mesh), cfg.model.param_dtype)
+            init_params = load_params(init_source, init_shardings, cfg.model.param_dtype)
             log(f"initialised weights from {tc.init_from}")
         state = trainer.init_state(params=init_params)
 
         def fresh():  # a rollback to before the first checkpoint starts the run again
             stream.restore(initial_data)
             return trainer.init_state(params=init_source and load_params(
-                init_source, param_shardings(cfg.model, trainer.mesh), cfg.model.param_dtype))
+                init_source, init_shardings, cfg.model.param_dtype))
+
+    extend = lambda batch: batch  # noqa: E731
+    if tc.stage == "dpo":  # the frozen reference: the SFT weights, else this run's own initial weights
+        ref = stages.check_reference(cfg)
+        ref_params = load_params(open_source(ref), init_shardings, cfg.model.param_dtype) if ref else \
+            trainer.init_state()["params"]
+        extend = stages.Reference(ref_params, cfg, trainer.mesh, trainer.batch_shardings()["ref_logps"])
+        log(f"DPO reference: {ref or 'the initial weights of this run'}")
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -192,7 +219,7 @@ def main(argv=None) -> int:
     def draw():
         t = time.perf_counter()
         index, batch = next(stream)
-        batch = trainer.put(faults.batch(index, batch))
+        batch = extend(trainer.put(faults.batch(index, batch)))
         host["data"] += time.perf_counter() - t
         return index, batch
 
@@ -206,6 +233,7 @@ def main(argv=None) -> int:
                "tokens": step * tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops_per_device": tflops,
                "mfu": tflops * 1e12 / peak if peak else None, "batch": index, "skipped": reason is not None,
                "bad_rows": bad_rows[2]}
+        row.update({k: float(v) for k, v in m.items() if k not in row and k not in ("skipped", "tokens")})
         if reason:
             row["skip_reason"] = reason
         row = writer.write(row)
@@ -330,6 +358,18 @@ def main(argv=None) -> int:
     for line in format_summary(summary):
         log(line)
 
+    if post:  # the stage's effect on the task (SPMD: every process takes part)
+        results = stages.evaluate(state["params"], cfg, tok, trainer.mesh,
+                                  reference=extend.params if tc.stage == "dpo" else None)
+        writer = MetricsWriter(out, resume_step=step, enabled=is_main)
+        writer.write({"step": step, "event": "evaluation", **results})
+        writer.close()
+        log(f"\nmetrics:     {out / 'metrics.jsonl'}\ncheckpoints: {run_dir.checkpoint_dir(out)}")
+        for name, value in results.items():
+            log(f"{name}: {value:.3f}")
+        if is_main:
+            plot_loss(out)
+        return 0
     # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
     prompt = tok.encode(tc.sample_prompt, bos=True)
     stops = sorted(tok.stop_ids)

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 
 from llama3_jax import config as config_lib
 from llama3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig
+from llama3_jax.data.sources import check_data
 from llama3_jax.model import PARAM_AXES, Llama, loss_sum, param_shapes
 from llama3_jax.parallel import sharding as shd
 from llama3_jax.train import recovery
@@ -85,47 +86,59 @@ def synthetic_batch(batch: int, seq_len: int, vocab_size: int, seed: int = 0) ->
 
 # ---------------------------------------------------------------- the step
 
-def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig):
+def pretrain_objective(cfg: Config, ordered: bool):
+    """`objective(params, batch) -> (summed loss, {"count": tokens, ...sums})`: the next-token
+    loss over the batch's loss mask. Post-training stages bring their own (llama3_jax.align)."""
+    def objective(params, batch):
+        return loss_sum(params, batch, cfg.model, ordered), {"count": jnp.sum(batch["loss_mask"])}
+    return objective
+
+
+def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig, objective=pretrain_objective):
     """Un-jitted `step(state, batch) -> (state, metrics)`; trace it under `jax.set_mesh`.
 
-    The global batch splits into `train.micro_batches` micro-batches whose summed losses
-    and gradients accumulate in float32; dividing once by the batch's token count makes
-    the update identical to one large batch.
+    `objective(cfg, ordered)` gives the summed loss and a dict of sums: "count" (what the
+    loss is averaged over: tokens, pairs) and any metrics to average over it. The global
+    batch splits into `train.micro_batches` micro-batches whose sums and gradients
+    accumulate in float32; dividing once by the batch's count makes the update identical
+    to one large batch.
     """
     opt = make_optimizer(cfg.train)
     schedule = lr_schedule(cfg.train)
     micro = cfg.train.micro_batches
     if mesh.shape["pp"] > 1:
         from llama3_jax.train import pipeline
-        grad_fn = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
-    else:
-        ordered = mesh.shape["cp"] == 1  # context parallelism reorders the tokens (parallel.sharding.cp_order)
+        pipe_grad = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
 
         def grad_fn(params, batch):
-            return jax.value_and_grad(loss_sum)(params, batch, cfg.model, ordered)
+            loss, grads = pipe_grad(params, batch)
+            return (loss, {"count": jnp.sum(batch["loss_mask"])}), grads
+    else:
+        # Context parallelism reorders the tokens (parallel.sharding.cp_order).
+        grad_fn = jax.value_and_grad(objective(cfg, ordered=mesh.shape["cp"] == 1), has_aux=True)
 
     def step(state, batch):
         params = state["params"]
         if micro == 1:
-            loss, grads = grad_fn(params, batch)
+            (loss, sums), grads = grad_fn(params, batch)
         else:
             split = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
 
             def accumulate(carry, mb):
-                loss, grads = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
 
-            zero = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zero, split)
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        grads = jax.tree.map(lambda g: g / n_tokens, grads)
-        loss, grad_norm = loss / n_tokens, optax.tree.norm(grads)
+            zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
+                                jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split)))
+            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zero, split)
+        count = jnp.maximum(sums.pop("count"), 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = loss / count, optax.tree.norm(grads)
         ok, reason, guard = recovery.judge(loss, grad_norm, state["guard"], cfg.train)
         updates, opt_state = opt.update(grads, state["opt_state"], params)
         updated = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
         new_state = recovery.keep_if(ok, updated, {k: state[k] for k in updated}) | {"guard": guard}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": n_tokens,
-                   "skipped": reason}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
+                   "skipped": reason, **{k: v / count for k, v in sums.items()}}
         return new_state, metrics
 
     return step
@@ -141,23 +154,29 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, mesh_cfg: MeshConfig | None = None, devices=None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, objective=pretrain_objective, batch_axes=None):
         self.cfg = cfg
         self.mesh_cfg = mesh_cfg or MeshConfig()
         devices = list(jax.devices() if devices is None else devices)
         if cfg.model.remat == "offload" and devices[0].platform == "cpu":
             raise ConfigError("model.remat=offload moves activations to pinned host memory, which CPU devices do "
                               "not have; on CPU use save_dots, save_attn_out or full")
-        self.sizes = config_lib.validate(cfg, self.mesh_cfg, len(devices),
-                                         jax.process_count() if process_count is None else process_count)
+        process_count = jax.process_count() if process_count is None else process_count
+        self.sizes = config_lib.validate(cfg, self.mesh_cfg, len(devices), process_count)
+        check_data(cfg.data, cfg.train.global_batch, process_count)
         recovery.check(cfg.train)
         self.mesh = shd.make_mesh(**self.sizes, devices=devices)
         self._abstract = abstract_state(cfg, self.mesh)
         shardings = state_shardings(self._abstract)
-        b_sh = batch_sharding(self.mesh)
-        self._jitted = jax.jit(make_step(cfg, self.mesh, self.mesh_cfg), donate_argnums=0,
-                               in_shardings=(shardings, {k: b_sh for k in BATCH_KEYS}),
+        # {key: logical axes} of a batch; a stage may add per-row values (e.g. reference log-probs).
+        self.batch_axes = batch_axes or {k: ("batch", "seq") for k in BATCH_KEYS}
+        self._jitted = jax.jit(make_step(cfg, self.mesh, self.mesh_cfg, objective), donate_argnums=0,
+                               in_shardings=(shardings, self.batch_shardings()),
                                out_shardings=(shardings, shd.replicated(self.mesh)))
+
+    def batch_shardings(self) -> dict:
+        return {k: NamedSharding(self.mesh, shd.logical_to_spec(axes, (0,) * len(axes), self.mesh))
+                for k, axes in self.batch_axes.items()}
 
     def abstract_state(self):
         """ShapeDtypeStructs with shardings for the train state (no allocation)."""
@@ -171,7 +190,8 @@ class Trainer:
 
         @functools.partial(jax.jit, out_shardings=state_shardings(self._abstract))
         def init(key, given):
-            p = given if given is not None else Llama(cfg.model, rngs=nnx.Rngs(key)).param_arrays()
+            # Given weights replace the random ones (a new value head keeps its initialisation).
+            p = Llama(cfg.model, rngs=nnx.Rngs(key)).param_arrays() | (given or {})
             return {"params": p, "opt_state": opt.init(p), "step": jnp.zeros((), jnp.int32),
                     "guard": recovery.init_guard()}
 
@@ -184,8 +204,8 @@ class Trainer:
         if cp > 1:
             order = shd.cp_order(batch["tokens"].shape[1], cp)
             batch = {k: v[:, order] for k, v in batch.items()}
-        sh = batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k])) for k in BATCH_KEYS}
+        return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k]))
+                for k, sh in self.batch_shardings().items() if k in batch}
 
     def abstract_batch(self) -> dict:
         """ShapeDtypeStructs of the global batch (for ahead-of-time compiles)."""

@@ -1,0 +1,246 @@
+"""Post-training: chat rows against the tokenizer's own chat format, the SFT loss against
+transformers, DPO and Bradley-Terry against NumPy formulas, a mesh against one device,
+learning on the synthetic task, and exact resume after a SIGKILL."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llama3_jax.align import objectives, stages, task
+from llama3_jax.config import ConfigError, DataConfig, MeshConfig, load_config
+from llama3_jax.data.chat import chat_tokens, load_examples, make_chat_iterator, pairs_batch, as_example
+from llama3_jax.formats import convert
+from llama3_jax.formats.bpe import default_tokenizer
+from llama3_jax.infer.generate import load_for_inference
+from llama3_jax.parallel.sharding import make_mesh
+from llama3_jax.train.metrics import read_metrics
+from llama3_jax.train.step import Trainer
+
+from conftest import REPO
+
+TOK = default_tokenizer(2048)
+# The synthetic task small enough to learn in seconds on 2 cores.
+TASK = ["data.seq_len=64", "train.global_batch=16", "align.task_max_operand=5"]
+
+
+def train(out, stage, steps, *extra, env_extra=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env_extra or {})
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "debug-tiny", "--stage", stage,
+                        "--steps", str(steps), "--out", str(out), *TASK, *extra],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def evaluation(out) -> dict:
+    return [r for r in read_metrics(out) if r.get("event") == "evaluation"][-1]
+
+
+def losses(out) -> dict:
+    return {r["step"]: r["loss"] for r in read_metrics(out, latest=True) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """SFT from scratch on the task, then a reward model and DPO from the SFT model."""
+    work = tmp_path_factory.mktemp("align")
+    train(work / "sft", "sft", 200, "train.lr=6e-3")
+    train(work / "rm", "rm", 300, "train.lr=3e-3", f"train.init_from={work / 'sft'}")
+    train(work / "dpo", "dpo", 60, "train.lr=1e-3", f"train.init_from={work / 'sft'}")
+    return work
+
+
+# ---------------------------------------------------------------- rows
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3 ="},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 4 + 4 ="},
+                {"role": "assistant", "content": " It is 8. "}]
+
+
+def test_chat_rows_are_the_chat_format_with_answers_masked():
+    ids, mask = chat_tokens(TOK, CONVERSATION)
+    assert ids.tolist() == TOK.encode_dialog(CONVERSATION, add_generation_prompt=False)
+    # The learned tokens are each assistant content and its <|eot_id|>, nothing else.
+    want = [*TOK.encode("5"), TOK.eot_id, *TOK.encode("It is 8."), TOK.eot_id]
+    assert ids[mask].tolist() == want
+    ids, content_only = chat_tokens(TOK, CONVERSATION, formatting=False)
+    assert ids[content_only].tolist() == [*TOK.encode("5"), *TOK.encode("It is 8.")]
+    # Targets: a position learns its next token where that token is an answer token.
+    x = as_example(ids, mask)
+    assert np.array_equal(x[:-1, 1] >= 0, mask[1:]) and x[-1, 1] == -1
+
+
+def test_bad_rows_name_the_file_and_line_or_are_counted_and_skipped(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = [{"messages": [{"role": "robot", "content": "x"}]}, {"conversation": []}, "not json",
+           {"messages": [{"role": "user", "content": "y " * 100}, {"role": "assistant", "content": "z"}]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([json.dumps(good)] + [b if isinstance(b, str) else json.dumps(b) for b in bad]) + "\n")
+    with pytest.raises(ConfigError, match=rf"{path}:2: .*unknown role 'robot'.*skip_bad_rows"):
+        load_examples(DataConfig(path=str(path)), TOK, "sft", 64)
+    examples, skipped = load_examples(DataConfig(path=str(path), skip_bad_rows=True), TOK, "sft", 64)
+    assert len(examples) == 1 and [w for w, _ in skipped] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert "missing field 'messages'" in skipped[1][1] and "longer than data.seq_len=64" in skipped[3][1]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": "a",
+                                 "rejected": [{"role": "user", "content": "b"}]}) + "\n")
+    with pytest.raises(ConfigError, match=rf"{pairs}:1: field 'rejected' holds a 'user' message"):
+        load_examples(DataConfig(path=str(pairs)), TOK, "pairs", 64)
+
+
+def test_sft_rows_pack_whole_conversations_and_resume_exactly(tmp_path):
+    path = task.write_task(tmp_path, "sft", 50, 5)
+    data = DataConfig(path=str(path), seed=3)
+    examples, _ = load_examples(data, TOK, "sft", 64)
+    it = make_chat_iterator(examples, "sft", data, global_batch=4, seq_len=64)
+    seen = [next(it) for _ in range(3)]
+    for b in seen:  # every segment is a whole conversation: it starts with <|begin_of_text|> at position 0
+        starts = (b["positions"] == 0) & (b["segment_ids"] > 0)
+        assert np.all(b["tokens"][starts] == TOK.bos_id)
+        assert np.all(b["loss_mask"][b["segment_ids"] == 0] == 0)
+    state = it.get_state()
+    after = next(it)
+    again = make_chat_iterator(examples, "sft", data, global_batch=4, seq_len=64)
+    again.set_state(state)
+    resumed = next(again)
+    assert all(np.array_equal(v, resumed[k]) for k, v in after.items())
+
+
+# ---------------------------------------------------------------- losses against oracles
+
+def one_per_row(examples, seq_len):
+    """A batch of single conversations, each from position 0, right-padded."""
+    b = {k: np.zeros((len(examples), seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    b["loss_mask"] = np.zeros((len(examples), seq_len), np.float32)
+    for i, (x,) in enumerate(examples):
+        n = len(x)
+        b["tokens"][i, :n], b["segment_ids"][i, :n], b["positions"][i, :n] = x[:, 0], 1, np.arange(n)
+        b["targets"][i, :n] = np.maximum(x[:, 1], 0)
+        b["loss_mask"][i, :n] = x[:, 1] >= 0
+    return b
+
+
+def test_sft_loss_equals_transformers_with_ignored_labels(runs, tmp_path):
+    assert convert.main(["to-hf", str(runs / "sft"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    params, model_cfg, tok, _ = load_for_inference(runs / "sft", dtype="float32")
+    cfg = dataclasses.replace(load_config("debug-tiny"), model=model_cfg)
+    examples, _ = load_examples(DataConfig(path=str(runs / "sft" / "task" / "sft.jsonl")), tok, "sft", 64)
+    batch = one_per_row(examples[:6], 48)
+    loss, sums = objectives.sft(cfg, True)(params, batch)
+    ours = float(loss / sums["count"])
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    labels = np.where(np.concatenate([np.zeros((6, 1)), batch["loss_mask"][:, :-1]], 1) > 0, batch["tokens"], -100)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(batch["tokens"], dtype=torch.long), attention_mask=torch.tensor(batch["segment_ids"]),
+                    labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+    assert abs(ours - theirs) < 1e-5, (ours, theirs)
+
+
+def test_dpo_and_bradley_terry_equal_numpy_formulas():
+    rng = np.random.default_rng(0)
+    logps, ref = rng.normal(-20, 5, 8), rng.normal(-20, 5, 8)
+    tokens = rng.integers(1, 9, 4).astype(np.float32)
+    ac = load_config().align
+    total, sums = objectives.dpo_loss(jnp.asarray(logps), jnp.asarray(ref), jnp.asarray(tokens), ac)
+    c, r = (logps - ref)[0::2], (logps - ref)[1::2]
+    pref = np.log1p(np.exp(-ac.dpo_beta * (c - r)))  # -log sigmoid
+    nll = -logps[0::2] / tokens
+    np.testing.assert_allclose(float(total), np.sum(pref + 0.2 * nll), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["dpo_loss"]), pref.sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["reward_margin"]), 0.1 * np.sum(c - r), rtol=1e-6)
+    assert float(sums["accuracy"]) == np.sum(c > r) and float(sums["count"]) == 4
+    chosen, rejected = rng.normal(size=5), rng.normal(size=5)
+    bt, s = objectives.bradley_terry(jnp.asarray(chosen), jnp.asarray(rejected))
+    np.testing.assert_allclose(float(bt), -np.sum(np.log(1 / (1 + np.exp(-(chosen - rejected))))), rtol=1e-6)
+    assert float(s["accuracy"]) == np.sum(chosen > rejected)
+
+
+def test_sequence_logps_equal_a_numpy_log_softmax(runs):
+    params, model_cfg, tok, _ = load_for_inference(runs / "sft", dtype="float32")
+    cfg = dataclasses.replace(load_config("debug-tiny"), model=model_cfg)
+    rows = task.rows("pairs", 3, 5, seed=1)
+    pairs = [tuple(as_example(*chat_tokens(tok, r["prompt"] + r[k], False)) for k in ("chosen", "rejected"))
+             for r in rows]
+    batch = pairs_batch(pairs, 32)
+    got = np.asarray(objectives.sequence_logps(params, batch, cfg))
+    from llama3_jax.model import forward
+    logits = np.asarray(forward(params, jnp.asarray(batch["tokens"]), model_cfg), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [sum(logp[i, t, batch["targets"][i, t]] for t in np.flatnonzero(batch["loss_mask"][i])) for i in range(6)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The DPO mask holds the answer's content only: no header, no <|eot_id|>.
+    assert set(tok.decode(batch["targets"][batch["loss_mask"] > 0].tolist())) <= set("-0123456789")
+
+
+# ---------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_step_on_fsdp2_tp2_equals_one_device(tmp_path, stage):
+    cfg = load_config("debug-tiny", [f"train.stage={stage}", "data.seq_len=64", "train.global_batch=8",
+                                     f"model.value_head={stage == 'rm'}"])
+    cfg = stages.configure(cfg, tmp_path)
+    make, _ = stages.batches(cfg, TOK, process_index=0, process_count=1, log=lambda *a: None)
+    host = next(make(global_batch=8, seq_len=64))
+    results = []
+    for devices, mesh in ((jax.devices()[:1], MeshConfig()), (jax.devices()[:4], MeshConfig(fsdp=2, tp=2))):
+        trainer = Trainer(cfg, mesh, devices=devices, objective=stages.objective(cfg),
+                          batch_axes=stages.batch_axes(cfg))
+        state = trainer.init_state()
+        batch = trainer.put(host)
+        if stage == "dpo":  # a reference other than the policy: the initial weights of another seed
+            ref = trainer.init_state(seed=5)["params"]
+            batch = stages.Reference(ref, cfg, trainer.mesh, trainer.batch_shardings()["ref_logps"])(batch)
+        state, metrics = trainer(state, batch)
+        results.append((jax.device_get(metrics), jax.device_get(state["params"])))
+    (m1, p1), (m4, p4) = results
+    for k in m1:
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in p1:
+        np.testing.assert_allclose(p4[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# ---------------------------------------------------------------- learning and resume
+
+def test_sft_raises_task_accuracy_over_the_base_model(runs):
+    cfg = load_config("debug-tiny", [*TASK, "train.stage=sft"])
+    base = Trainer(cfg, MeshConfig(), devices=jax.devices()[:1])
+    before = stages.task_accuracy(base.init_state()["params"], cfg, TOK, base.mesh)
+    after = evaluation(runs / "sft")["eval_task_accuracy"]
+    assert before < 0.05 and after > 0.6, (before, after)
+    rows = [r for r in read_metrics(runs / "sft") if "loss" in r]
+    assert np.mean([r["accuracy"] for r in rows[-20:]]) > np.mean([r["accuracy"] for r in rows[:20]]) + 0.2
+
+
+def test_reward_model_ranks_unseen_pairs(runs):
+    assert evaluation(runs / "rm")["eval_pair_accuracy"] > 0.9
+
+
+def test_dpo_raises_margin_and_accuracy(runs):
+    rows = [r for r in read_metrics(runs / "dpo") if "loss" in r]
+    assert rows[0]["reward_margin"] == 0 and rows[0]["accuracy"] == 0  # the policy starts as the reference
+    late = rows[-20:]
+    assert np.mean([r["reward_margin"] for r in late]) > 0.03 and np.mean([r["accuracy"] for r in late]) > 0.6
+    result = evaluation(runs / "dpo")
+    assert result["eval_dpo_accuracy"] > 0.7 and result["eval_reward_margin"] > 0
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigkill_and_restart_give_the_uninterrupted_losses(runs, tmp_path, stage):
+    extra = ["train.checkpoint_every=5", f"train.init_from={runs / 'sft'}"]
+    train(tmp_path / "whole", stage, 12, *extra)
+    killed = train(tmp_path / "cut", stage, 12, *extra, env_extra={"LLAMA3_JAX_FAULTS": "kill@8"}, check=False)
+    assert killed.returncode != 0 and 8 not in losses(tmp_path / "cut")
+    train(tmp_path / "cut", stage, 12, *extra)
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(cut) == sorted(whole) == list(range(1, 13))
+    np.testing.assert_allclose([cut[s] for s in whole], list(whole.values()), rtol=1e-6)
