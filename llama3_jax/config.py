@@ -156,12 +156,12 @@ class DataConfig:
     max_bad_row_fraction: float = 0.01
 
 
-STAGES = ("pretrain", "sft", "rm", "dpo")
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain | sft | rm | dpo (llama3_jax.align)
+    stage: str = "pretrain"  # pretrain | sft | rm | dpo | ppo (llama3_jax.align)
     steps: int = 200
     global_batch: int = 16
     micro_batches: int = 1
@@ -206,7 +206,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """Post-training (Llama 3 paper section 4): DPO and the reward model."""
+    """Post-training (Llama 3 paper section 4): DPO, the synthetic task, PPO and GRPO."""
     # DPO: beta, and an NLL term on the chosen answers (per token) with this coefficient.
     dpo_beta: float = 0.1
     dpo_nll_coef: float = 0.2
@@ -217,6 +217,22 @@ class AlignConfig:
     # Rows of the synthetic arithmetic task when data.path is empty, and its operands' range.
     task_rows: int = 2000
     task_max_operand: int = 20
+    # PPO (train.stage=ppo): each rollout samples train.global_batch x ppo_minibatches answers
+    # (group_size per prompt) from the policy, scored by `reward` (a reward-model run or
+    # python:module.fn; "" = the task's verifier), then ppo_epochs passes of updates.
+    reward: str = ""
+    group_size: int = 1
+    grpo: bool = False  # group-relative advantages and no value loss (needs group_size > 1)
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    ppo_epochs: int = 2
+    ppo_minibatches: int = 2
+    ppo_clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    kl_coef: float = 0.05  # the per-token KL penalty to the reference (GRPO: a loss term)
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -437,9 +453,11 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
         _check_pipeline(m, mesh_cfg, pp)
     if t.stage not in STAGES:
         raise ConfigError(f"train.stage={t.stage!r} unknown; choose one of {', '.join(STAGES)}")
-    if t.stage in ("rm", "dpo") and (pp > 1 or t.global_batch % (2 * max(t.micro_batches, 1))):
+    if t.stage != "pretrain" and t.stage != "sft" and pp > 1:
+        raise ConfigError(f"train.stage={t.stage} runs on meshes without pp; use dp, fsdp, cp and tp")
+    if t.stage in ("rm", "dpo") and t.global_batch % (2 * max(t.micro_batches, 1)):
         raise ConfigError(f"train.stage={t.stage} trains on pairs of rows: give a train.global_batch divisible by "
-                          "2 x train.micro_batches, and a mesh without pp")
+                          "2 x train.micro_batches")
     if t.global_batch < 1 or t.micro_batches < 1:
         raise ConfigError("train.global_batch and train.micro_batches must be positive")
     if t.global_batch % t.micro_batches:

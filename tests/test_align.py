@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from llama3_jax.align import objectives, stages, task
+from llama3_jax.align import objectives, ppo, stages, task
 from llama3_jax.config import ConfigError, DataConfig, MeshConfig, load_config
 from llama3_jax.data.chat import chat_tokens, load_examples, make_chat_iterator, pairs_batch, as_example
 from llama3_jax.formats import convert
@@ -30,12 +30,14 @@ from conftest import REPO
 TOK = default_tokenizer(2048)
 # The synthetic task small enough to learn in seconds on 2 cores.
 TASK = ["data.seq_len=64", "train.global_batch=16", "align.task_max_operand=5"]
+# PPO: rollouts of 128 answers, 4 updates each (2 epochs x 2 mini-batches).
+PPO = ["train.global_batch=64", "data.seq_len=32", "train.lr=1e-3", "train.warmup_steps=0", "train.checkpoint_every=40"]
 
 
 def train(out, stage, steps, *extra, env_extra=None, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env_extra or {})
     p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "debug-tiny", "--stage", stage,
-                        "--steps", str(steps), "--out", str(out), *TASK, *extra],
+                        "--steps", str(steps), "--out", str(out), *TASK, *extra],  # later overrides win
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -57,6 +59,7 @@ def runs(tmp_path_factory):
     train(work / "sft", "sft", 200, "train.lr=6e-3")
     train(work / "rm", "rm", 300, "train.lr=3e-3", f"train.init_from={work / 'sft'}")
     train(work / "dpo", "dpo", 60, "train.lr=1e-3", f"train.init_from={work / 'sft'}")
+    train(work / "ppo", "ppo", 80, *PPO, f"train.init_from={work / 'sft'}")
     return work
 
 
@@ -146,6 +149,53 @@ def test_sft_loss_equals_transformers_with_ignored_labels(runs, tmp_path):
     assert abs(ours - theirs) < 1e-5, (ours, theirs)
 
 
+def test_gae_grpo_and_the_clipped_objective_equal_numpy_formulas():
+    rng = np.random.default_rng(1)
+    b, s = 3, 7
+    mask = np.zeros((b, s), np.float32)
+    for i, (lo, hi) in enumerate([(2, 6), (1, 7), (4, 5)]):
+        mask[i, lo:hi] = 1
+    rewards, values = rng.normal(size=(b, s)) * mask, rng.normal(size=(b, s)) * mask
+    gamma, lam = 0.9, 0.8
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    for i in range(b):  # A_t = sum_k (gamma lam)^k delta_{t+k}, delta_t = r_t + gamma V_{t+1} - V_t
+        idx = np.flatnonzero(mask[i])
+        v = np.append(values[i, idx], 0.0)
+        delta = rewards[i, idx] + gamma * v[1:] - v[:-1]
+        want = [sum((gamma * lam) ** k * delta[t + k] for k in range(len(idx) - t)) for t in range(len(idx))]
+        np.testing.assert_allclose(adv[i, idx], want, rtol=1e-5)
+        np.testing.assert_allclose(ret[i, idx], np.asarray(want) + values[i, idx], rtol=1e-5)
+    scores = rng.integers(0, 2, 8).astype(np.float32)
+    g = scores.reshape(2, 4)
+    np.testing.assert_allclose(ppo.group_advantages(scores, 4),
+                               ((g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-6)).reshape(-1),
+                               rtol=1e-5)
+    # The clipped policy and value losses, the entropy, the clip fraction and GRPO's k3 KL.
+    logp_all = np.log(rng.dirichlet(np.ones(5), (b, s))).astype(np.float32)
+    logp = logp_all[..., 0]
+    batch = {"loss_mask": mask, "advantages": rng.normal(size=(b, s)).astype(np.float32),
+             "old_logps": (logp + rng.normal(0, 0.3, (b, s))).astype(np.float32),
+             "ref_logps": (logp + rng.normal(0, 0.3, (b, s))).astype(np.float32),
+             "values": rng.normal(size=(b, s)).astype(np.float32), "returns": rng.normal(size=(b, s)).astype(np.float32)}
+    v = (batch["values"] + rng.normal(0, 0.5, (b, s))).astype(np.float32)
+    for grpo in (False, True):
+        a = dataclasses.replace(load_config().align, grpo=grpo)
+        total, sums = ppo.losses(jnp.asarray(logp), jnp.asarray(logp_all), jnp.asarray(v),
+                                 {k: jnp.asarray(x) for k, x in batch.items()}, a)
+        r = np.exp(logp - batch["old_logps"])
+        A = batch["advantages"]
+        pol = np.maximum(-r * A, -np.clip(r, 0.8, 1.2) * A)
+        vc = batch["values"] + np.clip(v - batch["values"], -0.2, 0.2)
+        val = 0.5 * np.maximum((v - batch["returns"]) ** 2, (vc - batch["returns"]) ** 2)
+        d = batch["ref_logps"] - logp
+        kl = np.exp(d) - d - 1
+        want = np.sum((pol + (0.05 * kl if grpo else 0.5 * val)) * mask)
+        np.testing.assert_allclose(float(total), want, rtol=1e-5)
+        np.testing.assert_allclose(float(sums["entropy"]), np.sum(-(np.exp(logp_all) * logp_all).sum(-1) * mask),
+                                   rtol=1e-5)
+        assert float(sums["clip_fraction"]) == np.sum((np.abs(r - 1) > 0.2) * mask)
+
+
 def test_dpo_and_bradley_terry_equal_numpy_formulas():
     rng = np.random.default_rng(0)
     logps, ref = rng.normal(-20, 5, 8), rng.normal(-20, 5, 8)
@@ -184,13 +234,23 @@ def test_sequence_logps_equal_a_numpy_log_softmax(runs):
 
 # ---------------------------------------------------------------- sharding
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
 def test_a_step_on_fsdp2_tp2_equals_one_device(tmp_path, stage):
     cfg = load_config("debug-tiny", [f"train.stage={stage}", "data.seq_len=64", "train.global_batch=8",
-                                     f"model.value_head={stage == 'rm'}"])
+                                     "train.steps=4", "train.checkpoint_every=4"])
     cfg = stages.configure(cfg, tmp_path)
-    make, _ = stages.batches(cfg, TOK, process_index=0, process_count=1, log=lambda *a: None)
-    host = next(make(global_batch=8, seq_len=64))
+    if stage == "ppo":  # an SFT batch with made-up rollout values: the update, not the rollout, is compared
+        sft_cfg = stages.configure(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage="sft"),
+                                                       data=DataConfig(seq_len=64)), tmp_path)
+        make, _ = stages.batches(sft_cfg, TOK, process_index=0, process_count=1, log=lambda *a: None)
+        host = next(make(global_batch=8, seq_len=64))
+        rng = np.random.default_rng(0)
+        host |= {k: rng.normal(scale, 0.3, (8, 64)).astype(np.float32) * host["loss_mask"]
+                 for k, scale in (("old_logps", -2.0), ("ref_logps", -2.0), ("values", 0.5), ("advantages", 0.0),
+                                  ("returns", 0.5))}
+    else:
+        make, _ = stages.batches(cfg, TOK, process_index=0, process_count=1, log=lambda *a: None)
+        host = next(make(global_batch=8, seq_len=64))
     results = []
     for devices, mesh in ((jax.devices()[:1], MeshConfig()), (jax.devices()[:4], MeshConfig(fsdp=2, tp=2))):
         trainer = Trainer(cfg, mesh, devices=devices, objective=stages.objective(cfg),
@@ -234,6 +294,19 @@ def test_dpo_raises_margin_and_accuracy(runs):
     assert result["eval_dpo_accuracy"] > 0.7 and result["eval_reward_margin"] > 0
 
 
+def test_ppo_raises_the_expected_reward(runs):
+    rows = [r for r in read_metrics(runs / "ppo") if "loss" in r]
+    first, last = np.mean([r["reward"] for r in rows[:20]]), np.mean([r["reward"] for r in rows[-20:]])
+    assert last > first + 0.05, (first, last)  # sampled rewards of the first and last 5 rollouts
+    # Noise-free: the probability of the right answer on the same problems, before and after.
+    params, model_cfg, tok, mesh = load_for_inference(runs / "sft", dtype="float32")
+    cfg = dataclasses.replace(load_config("debug-tiny", TASK), model=model_cfg)
+    before = stages.answer_probability(params, cfg, tok, mesh)
+    after = evaluation(runs / "ppo")["eval_answer_probability"]
+    assert after > before + 0.05, (before, after)
+    assert all(np.isfinite(r[k]) for r in rows for k in ("kl", "value_loss", "clip_fraction", "entropy"))
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_sigkill_and_restart_give_the_uninterrupted_losses(runs, tmp_path, stage):
     extra = ["train.checkpoint_every=5", f"train.init_from={runs / 'sft'}"]
@@ -244,3 +317,24 @@ def test_sigkill_and_restart_give_the_uninterrupted_losses(runs, tmp_path, stage
     whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert sorted(cut) == sorted(whole) == list(range(1, 13))
     np.testing.assert_allclose([cut[s] for s in whole], list(whole.values()), rtol=1e-6)
+
+
+def test_rejection_sampling_keeps_better_answers(runs, tmp_path):
+    from llama3_jax.align import rejection
+    prompts = task.write_task(tmp_path, "prompts", 24, 5)
+    for reward in ("python:llama3_jax.align.task.reward", str(runs / "rm")):
+        out = tmp_path / "best.jsonl"
+        assert rejection.main(["--policy", str(runs / "sft"), "--reward", reward, "--prompts", str(prompts),
+                               "--k", "4", "--out", str(out), "--max-new-tokens", "6", "--seed", "1"]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 24 and all(r["score"] == max(r["scores"]) and len(r["candidates"]) == 4 for r in rows)
+        kept, one = np.mean([r["score"] for r in rows]), np.mean([r["scores"][0] for r in rows])
+        assert kept > one, (reward, kept, one)
+        # By the task's own verifier, the kept answers are right more often than a random one.
+        right = lambda r, text: task.reward(r["messages"][:-1], text)  # noqa: E731
+        assert np.mean([right(r, r["messages"][-1]["content"]) for r in rows]) > \
+            np.mean([right(r, r["candidates"][0]) for r in rows])
+        # The output is SFT data.
+        assert len(load_examples(DataConfig(path=str(out)), TOK, "sft", 64)[0]) == 24
+    assert rejection.main(["--policy", str(runs / "sft"), "--reward", str(runs / "sft"), "--prompts", str(prompts),
+                           "--out", str(tmp_path / "x.jsonl")]) == 2  # a policy is no reward model

@@ -20,14 +20,15 @@ from llama3_jax.model.loss import head_loss
 from llama3_jax.model.model import hidden_states, output_logits, value_of
 
 
-def _hidden(params, batch, cfg: Config, ordered: bool):
+def hidden(params, batch, cfg: Config, ordered: bool = True):
+    """Final-normed hidden states [b, s, dim] of a batch dict."""
     return hidden_states(params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg.model, ordered)
 
 
 def token_logps(params, batch, cfg: Config, ordered: bool = True):
     """log p(target) of every position [b, s] in float32 (0 where the loss mask is 0). The
     target's logit is picked by comparison with an iota, so vocab-sharded logits stay put."""
-    logits = output_logits(_hidden(params, batch, cfg, ordered), params, cfg.model)
+    logits = output_logits(hidden(params, batch, cfg, ordered), params, cfg.model)
     picked = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == batch["targets"][..., None],
                                logits, 0.0), axis=-1)
     return (picked - jax.nn.logsumexp(logits, axis=-1)) * batch["loss_mask"]
@@ -40,7 +41,7 @@ def sequence_logps(params, batch, cfg: Config, ordered: bool = True):
 
 def sft(cfg: Config, ordered: bool):
     def objective(params, batch):
-        h = _hidden(params, batch, cfg, ordered)
+        h = hidden(params, batch, cfg, ordered)
         loss = head_loss(h, params, batch["targets"], batch["loss_mask"], cfg.model)
         guess = jnp.argmax(output_logits(jax.lax.stop_gradient(h), jax.lax.stop_gradient(params), cfg.model), -1)
         correct = jnp.sum((guess == batch["targets"]) * batch["loss_mask"])
@@ -50,7 +51,7 @@ def sft(cfg: Config, ordered: bool):
 
 def last_token_values(params, batch, cfg: Config, ordered: bool = True):
     """The value head at each row's last token [b] (one sequence per row, from position 0)."""
-    h = _hidden(params, batch, cfg, ordered)
+    h = hidden(params, batch, cfg, ordered)
     length = jnp.sum(batch["segment_ids"] > 0, axis=1)
     last = (batch["positions"] == (length - 1)[:, None]) & (batch["segment_ids"] > 0)
     return value_of(jnp.einsum("bs,bsd->bd", last.astype(h.dtype), h), params)

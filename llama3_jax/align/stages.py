@@ -1,7 +1,7 @@
 """What each post-training stage brings to train.py's loop: its config adjustments, its rows,
 its objective and batch keys, the frozen reference (DPO) and its evaluation on the task.
 
-    python train.py --stage sft|rm|dpo [--config ... --mesh ... --out DIR]
+    python train.py --stage sft|rm|dpo|ppo [--config ... --mesh ... --out DIR]
                     [train.init_from=RUN_OR_HF_DIR] [data.path=ROWS.jsonl]
 
 With no data.path the stage trains on the synthetic arithmetic task (`align.task`).
@@ -16,12 +16,12 @@ import pathlib
 import jax
 import numpy as np
 
-from llama3_jax.align import objectives, task
+from llama3_jax.align import objectives, ppo, task
 from llama3_jax.config import Config, ConfigError
 from llama3_jax.data.chat import as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch
 from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
 
-ROWS = {"sft": "sft", "rm": "pairs", "dpo": "pairs"}
+ROWS = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
 BATCH_AXES = {k: ("batch", "seq") for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
 
 
@@ -29,13 +29,20 @@ def configure(cfg: Config, out: pathlib.Path) -> Config:
     """The stage's config: a value head for the reward model, and the synthetic task's rows
     (written under the run) when no data is given."""
     stage = cfg.train.stage
-    if stage == "rm" and not cfg.model.value_head:
+    if stage == "ppo":
+        ppo.check(cfg)
+    if (stage == "rm" or (stage == "ppo" and not cfg.align.grpo)) and not cfg.model.value_head:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=True))
     if not cfg.data.path and not cfg.data.sources:
         path = task.write_task(out / "task", ROWS[stage], cfg.align.task_rows, cfg.align.task_max_operand,
                                seed=cfg.data.seed)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path)))
     return cfg
+
+
+def on_task(cfg: Config, out: pathlib.Path) -> bool:
+    """Whether the run trains on the synthetic task (then its evaluation means something)."""
+    return pathlib.Path(cfg.data.path).parent == out / "task"
 
 
 def batches(cfg: Config, tok, *, process_index: int, process_count: int, log=print):
@@ -50,11 +57,31 @@ def batches(cfg: Config, tok, *, process_index: int, process_count: int, log=pri
     return functools.partial(make_chat_iterator, examples, ROWS[stage], cfg.data), examples
 
 
+def rollouts(cfg: Config, tok, mesh, log=print) -> ppo.Rollouts:
+    """The PPO stage's stream of mini-batches, sampled from the policy (set `.policy` and
+    `.reference` before drawing)."""
+    from llama3_jax.align.rejection import reward_function
+    if jax.process_count() > 1:
+        raise ConfigError("train.stage=ppo runs in one process (its rollouts are sampled there); use one host")
+    examples, skipped = load_examples(cfg.data, tok, "prompts", cfg.data.seq_len)
+    prompts = [messages for (messages,) in examples]
+    longest = max(len(tok.encode_dialog(m)) for m in prompts)
+    if longest + cfg.align.max_new_tokens > cfg.data.seq_len + 1:
+        raise ConfigError(f"prompts of up to {longest} tokens plus align.max_new_tokens={cfg.align.max_new_tokens} "
+                          f"exceed data.seq_len={cfg.data.seq_len}; raise data.seq_len")
+    spec = cfg.align.reward or "python:llama3_jax.align.task.reward"
+    log(f"data: {len(prompts)} prompts from {cfg.data.path}; reward {spec}"
+        + (f"; skipped {len(skipped)} bad rows (data.skip_bad_rows)" if skipped else ""))
+    return ppo.Rollouts(cfg, tok, prompts, reward_function(spec, mesh, tok), mesh, None, cfg.data.seq_len)
+
+
 def objective(cfg: Config):
-    return objectives.OBJECTIVES[cfg.train.stage]
+    return ppo.objective if cfg.train.stage == "ppo" else objectives.OBJECTIVES[cfg.train.stage]
 
 
 def batch_axes(cfg: Config) -> dict:
+    if cfg.train.stage == "ppo":
+        return {k: ("batch", "seq") for k in ppo.KEYS}
     return BATCH_AXES | ({"ref_logps": ("batch",)} if cfg.train.stage == "dpo" else {})
 
 
@@ -83,6 +110,19 @@ def task_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = Fals
     g = generate(params, cfg.model, prompts, Sampling(max_new_tokens=8), stop_ids=stops,
                  allowed=allowed_ids(cfg.model.vocab_size, tok, stops), mesh=mesh)
     return float(np.mean([task.reward(r["prompt"], completion(tok, ids)) for r, ids in zip(rows, g.tokens)]))
+
+
+def answer_probability(params, cfg: Config, tok, mesh, n: int = 64) -> float:
+    """The mean probability the policy gives the right answer (and its <|eot_id|>) on n
+    training problems: the expected reward of sampling at temperature 1, with no sampling noise."""
+    rows = task.rows("sft", n, cfg.align.task_max_operand, seed=cfg.data.seed + 7)
+    examples = [(as_example(*chat_tokens(tok, r["messages"])),) for r in rows]
+    seqs = [x for (x,) in examples]
+    length = max(len(x) for x in seqs)
+    batch = pairs_batch([(x, x) for x in seqs], length)  # one conversation per row (each twice)
+    with jax.set_mesh(mesh):
+        logps = np.asarray(jax.jit(functools.partial(objectives.sequence_logps, cfg=cfg))(params, batch))
+    return float(np.mean(np.exp(logps[0::2])))
 
 
 def pair_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = False) -> float:
@@ -129,7 +169,8 @@ def evaluate(params, cfg: Config, tok, mesh, reference=None) -> dict:
         return {"eval_pair_accuracy": pair_accuracy(params, cfg, tok, mesh),
                 "eval_heldout_pair_accuracy": pair_accuracy(params, cfg, tok, mesh, held=True)}
     out = {"eval_task_accuracy": task_accuracy(params, cfg, tok, mesh),
-           "eval_heldout_task_accuracy": task_accuracy(params, cfg, tok, mesh, held=True)}
+           "eval_heldout_task_accuracy": task_accuracy(params, cfg, tok, mesh, held=True),
+           "eval_answer_probability": answer_probability(params, cfg, tok, mesh)}
     if reference is not None:
         out |= dpo_pairs(params, reference, cfg, tok, mesh)
     return out

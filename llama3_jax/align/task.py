@@ -84,3 +84,24 @@ def reward(prompt: list[dict], completion: str) -> float:
     """1.0 when the completion's first number is the sum the prompt asks for, else 0.0."""
     m = re.search(r"(-?\d+) \+ (-?\d+) =", prompt[-1]["content"])
     return float(m is not None and answer_of(completion) == int(m.group(1)) + int(m.group(2)))
+
+
+def main(argv=None) -> int:
+    """`python -m llama3_jax.align.task sft|pairs|prompts OUT.jsonl [--rows N --max-operand M --seed S]`."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m llama3_jax.align.task", description=main.__doc__)
+    p.add_argument("kind", choices=("sft", "pairs", "prompts"))
+    p.add_argument("out", type=pathlib.Path)
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--max-operand", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    path = write_task(args.out.parent, args.kind, args.rows, args.max_operand, args.seed)
+    if path != args.out:
+        os.replace(path, args.out)
+    print(f"{args.rows} {args.kind} rows -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

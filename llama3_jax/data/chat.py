@@ -126,7 +126,7 @@ def as_example(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def load_examples(data: DataConfig, tokenizer, kind: str, seq_len: int, formatting: bool = True):
     """Every row of the configured files as examples: (examples, skipped). An example is a
-    tuple of [n, 2] arrays (one per conversation of the row). `skipped` lists (where, why)
+    tuple of [n, 2] arrays (one per conversation of the row); for prompts, (messages,). `skipped` lists (where, why)
     of the bad rows left out when data.skip_bad_rows is set; otherwise the first bad row
     is a ConfigError."""
     sources = configured_sources(data)
@@ -150,7 +150,7 @@ def load_examples(data: DataConfig, tokenizer, kind: str, seq_len: int, formatti
                                       "rows") from None
                 skipped.append((where, str(e)))
                 continue
-            examples.append(tuple(ids if kind == "prompts" else as_example(ids, mask) for ids, mask in encoded))
+            examples.append(convs if kind == "prompts" else tuple(as_example(*e) for e in encoded))
     if not examples:
         raise ConfigError(f"no usable rows in {', '.join(s.path for s in sources)} ({len(skipped)} bad)")
     return examples, skipped

@@ -2,7 +2,7 @@
 
     llama3-train --config CONFIG --mesh MESH --steps N --out DIR [section.key=value ...]
     python train.py ...          (the same, from a checkout)
-    python train.py --stage sft|rm|dpo ...   (post-training; see llama3_jax.align.stages)
+    python train.py --stage sft|rm|dpo|ppo ...   (post-training; see llama3_jax.align.stages)
 
 Running the same command again with the same --out resumes from the latest checkpoint.
 """
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="debug", help="preset name in configs/ or a .toml path")
     p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (default: one device)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides train.steps)")
-    p.add_argument("--stage", default=None, help="pretrain (default), sft, rm or dpo (sets train.stage)")
+    p.add_argument("--stage", default=None, help="pretrain (default), sft, rm, dpo or ppo (sets train.stage)")
     p.add_argument("--out", default="runs/default", help="run directory: metrics, checkpoints, plots")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
@@ -150,7 +150,9 @@ def main(argv=None) -> int:
         check_same_model(init_source, dataclasses.replace(cfg.model, value_head=init_source.model.value_head),
                          f"train.init_from={tc.init_from}")
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if post:
+    if tc.stage == "ppo":
+        batches = stages.rollouts(cfg, tok, trainer.mesh, log=log)
+    elif post:
         make, _ = stages.batches(cfg, tok, **where, log=log)
         batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
                                  make=make, **where)
@@ -194,13 +196,16 @@ def main(argv=None) -> int:
             return trainer.init_state(params=init_source and load_params(
                 init_source, init_shardings, cfg.model.param_dtype))
 
-    extend = lambda batch: batch  # noqa: E731
-    if tc.stage == "dpo":  # the frozen reference: the SFT weights, else this run's own initial weights
+    extend, ref_params = (lambda batch: batch), None  # noqa: E731
+    if tc.stage in ("dpo", "ppo"):  # the frozen reference: the SFT weights, else this run's own initial weights
         ref = stages.check_reference(cfg)
         ref_params = load_params(open_source(ref), init_shardings, cfg.model.param_dtype) if ref else \
             trainer.init_state()["params"]
+        log(f"reference: {ref or 'the initial weights of this run'}")
+    if tc.stage == "dpo":
         extend = stages.Reference(ref_params, cfg, trainer.mesh, trainer.batch_shardings()["ref_logps"])
-        log(f"DPO reference: {ref or 'the initial weights of this run'}")
+    elif tc.stage == "ppo":  # rollouts sample from the parameters as they stand when a rollout is due
+        batches.reference, batches.policy = ref_params, lambda: state["params"]
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -234,6 +239,8 @@ def main(argv=None) -> int:
                "mfu": tflops * 1e12 / peak if peak else None, "batch": index, "skipped": reason is not None,
                "bad_rows": bad_rows[2]}
         row.update({k: float(v) for k, v in m.items() if k not in row and k not in ("skipped", "tokens")})
+        if tc.stage == "ppo":
+            row.update(batches.stats_of(index))
         if reason:
             row["skip_reason"] = reason
         row = writer.write(row)
@@ -358,17 +365,19 @@ def main(argv=None) -> int:
     for line in format_summary(summary):
         log(line)
 
-    if post:  # the stage's effect on the task (SPMD: every process takes part)
+    if post and stages.on_task(cfg, out):  # the stage's effect on the task (SPMD: every process takes part)
         results = stages.evaluate(state["params"], cfg, tok, trainer.mesh,
-                                  reference=extend.params if tc.stage == "dpo" else None)
+                                  reference=ref_params if tc.stage == "dpo" else None)
         writer = MetricsWriter(out, resume_step=step, enabled=is_main)
         writer.write({"step": step, "event": "evaluation", **results})
         writer.close()
-        log(f"\nmetrics:     {out / 'metrics.jsonl'}\ncheckpoints: {run_dir.checkpoint_dir(out)}")
         for name, value in results.items():
             log(f"{name}: {value:.3f}")
+    if post:
         if is_main:
-            plot_loss(out)
+            print(f"\nmetrics:     {out / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {out})")
+            print(f"checkpoints: {run_dir.checkpoint_dir(out)} (steps {sorted(mngr.all_steps())})")
+            print(f"loss curve:  {plot_loss(out)}")
         return 0
     # Sampling is SPMD over the mesh, so every process takes part; process 0 prints.
     prompt = tok.encode(tc.sample_prompt, bos=True)
