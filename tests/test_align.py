@@ -101,6 +101,18 @@ def test_bad_rows_name_the_file_and_line_or_are_counted_and_skipped(tmp_path):
         load_examples(DataConfig(path=str(pairs)), TOK, "pairs", 64)
 
 
+def test_parquet_rows_read_as_the_jsonl_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = task.write_task(tmp_path, "pairs", 20, 5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    from_jsonl, _ = load_examples(DataConfig(path=str(path)), TOK, "pairs", 64)
+    from_parquet, _ = load_examples(DataConfig(path=str(tmp_path / "pairs.parquet")), TOK, "pairs", 64)
+    assert len(from_parquet) == 20
+    assert all(np.array_equal(a, b) for x, y in zip(from_jsonl, from_parquet) for a, b in zip(x, y))
+
+
 def test_sft_rows_pack_whole_conversations_and_resume_exactly(tmp_path):
     path = task.write_task(tmp_path, "sft", 50, 5)
     data = DataConfig(path=str(path), seed=3)
@@ -338,3 +350,29 @@ def test_rejection_sampling_keeps_better_answers(runs, tmp_path):
         assert len(load_examples(DataConfig(path=str(out)), TOK, "sft", 64)[0]) == 24
     assert rejection.main(["--policy", str(runs / "sft"), "--reward", str(runs / "sft"), "--prompts", str(prompts),
                            "--out", str(tmp_path / "x.jsonl")]) == 2  # a policy is no reward model
+
+
+def test_grpo_rollouts_mask_the_answers_and_share_group_advantages(tmp_path):
+    cfg = load_config("debug-tiny", ["train.stage=ppo", "data.seq_len=32", "train.global_batch=8", "train.steps=4",
+                                     "train.checkpoint_every=4", "align.grpo=true", "align.group_size=4",
+                                     "align.task_max_operand=5"])
+    cfg = stages.configure(cfg, tmp_path)
+    trainer = Trainer(cfg, MeshConfig(), devices=jax.devices()[:1], objective=stages.objective(cfg),
+                      batch_axes=stages.batch_axes(cfg))
+    params = trainer.init_state()["params"]
+    rollouts = stages.rollouts(cfg, TOK, trainer.mesh, log=lambda *a: None)
+    rollouts.policy, rollouts.reference = (lambda: params), params
+    first = next(rollouts)
+    assert len(rollouts.queue) == 3 and set(first) == set(ppo.KEYS)  # 2 epochs x 2 mini-batches per rollout
+    whole = {k: np.concatenate([first[k], rollouts.queue[0][k]]) for k in first}  # epoch 1: all 16 answers
+    for i in range(16):
+        m = whole["loss_mask"][i] > 0
+        start = np.flatnonzero(m)[0]
+        # The answer's tokens are learned, the prompt's are not: the prompt ends with the assistant header.
+        assert whole["tokens"][i, start - 1] == TOK.end_header_id and TOK.decode([whole["tokens"][i, start]]) == "\n\n"
+        assert np.all(np.diff(np.flatnonzero(m)) == 1)  # one contiguous answer
+        adv = whole["advantages"][i][m]
+        assert np.allclose(adv, adv[0])  # one advantage per answer
+    # Policy == reference: no KL, old log-probs equal the reference's.
+    np.testing.assert_allclose(whole["old_logps"], whole["ref_logps"], atol=1e-6)
+    assert rollouts.get_state() == {"position": 4, "rollouts": 1, "pending": 3}

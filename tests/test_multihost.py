@@ -86,7 +86,8 @@ def test_resuming_on_another_process_count_explains_data_shards(tmp_path):
 
 def test_readme_multi_host_example_has_its_own_out():
     readme = (REPO / "README.md").read_text()
-    block = readme[readme.index("### Multi-host"):readme.index("## Export and import")]
+    start = readme.index("### Multi-host")
+    block = readme[start:readme.index("\n## ", start)]  # up to the next section
     commands = [line for line in block.splitlines() if line.startswith("python train.py")]
     assert len(commands) == 2 and all("--out runs/two-process" in c for c in commands), commands
 
