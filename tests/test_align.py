@@ -246,10 +246,14 @@ def test_sequence_logps_equal_a_numpy_log_softmax(runs):
 
 # ---------------------------------------------------------------- sharding
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
-def test_a_step_on_fsdp2_tp2_equals_one_device(tmp_path, stage):
+@pytest.mark.parametrize("stage,mesh", [("sft", MeshConfig(fsdp=2, tp=2)), ("dpo", MeshConfig(fsdp=2, tp=2)),
+                                        ("ppo", MeshConfig(fsdp=2, tp=2)), ("rm", MeshConfig(pp=2, tp=2, pp_microbatches=2))])
+def test_a_step_on_a_mesh_equals_one_device(tmp_path, stage, mesh):
+    # A real update (no warmup); a large Adam eps keeps it smooth in the gradient, so float
+    # reordering across devices cannot flip a near-zero gradient into an lr-sized step.
     cfg = load_config("debug-tiny", [f"train.stage={stage}", "data.seq_len=64", "train.global_batch=8",
-                                     "train.steps=4", "train.checkpoint_every=4"])
+                                     "train.steps=4", "train.checkpoint_every=4", "train.warmup_steps=0",
+                                     "train.eps=1e-3"])
     cfg = stages.configure(cfg, tmp_path)
     if stage == "ppo":  # an SFT batch with made-up rollout values: the update, not the rollout, is compared
         sft_cfg = stages.configure(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage="sft"),
@@ -264,10 +268,11 @@ def test_a_step_on_fsdp2_tp2_equals_one_device(tmp_path, stage):
         make, _ = stages.batches(cfg, TOK, process_index=0, process_count=1, log=lambda *a: None)
         host = next(make(global_batch=8, seq_len=64))
     results = []
-    for devices, mesh in ((jax.devices()[:1], MeshConfig()), (jax.devices()[:4], MeshConfig(fsdp=2, tp=2))):
-        trainer = Trainer(cfg, mesh, devices=devices, objective=stages.objective(cfg),
+    for devices, mesh_cfg in ((jax.devices()[:1], MeshConfig()), (jax.devices()[:4], mesh)):
+        trainer = Trainer(cfg, mesh_cfg, devices=devices, objective=stages.objective(cfg),
                           batch_axes=stages.batch_axes(cfg))
         state = trainer.init_state()
+        init = jax.device_get(state["params"])
         batch = trainer.put(host)
         if stage == "dpo":  # a reference other than the policy: the initial weights of another seed
             ref = trainer.init_state(seed=5)["params"]
@@ -275,6 +280,7 @@ def test_a_step_on_fsdp2_tp2_equals_one_device(tmp_path, stage):
         state, metrics = trainer(state, batch)
         results.append((jax.device_get(metrics), jax.device_get(state["params"])))
     (m1, p1), (m4, p4) = results
+    assert max(float(np.max(np.abs(p1[k] - init[k]))) for k in p1) > 1e-4  # the step did update
     for k in m1:
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for k in p1:

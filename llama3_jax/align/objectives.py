@@ -25,23 +25,32 @@ def hidden(params, batch, cfg: Config, ordered: bool = True):
     return hidden_states(params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg.model, ordered)
 
 
-def token_logps(params, batch, cfg: Config, ordered: bool = True):
-    """log p(target) of every position [b, s] in float32 (0 where the loss mask is 0). The
-    target's logit is picked by comparison with an iota, so vocab-sharded logits stay put."""
-    logits = output_logits(hidden(params, batch, cfg, ordered), params, cfg.model)
+def token_logps(params, batch, cfg: Config, ordered: bool = True, h=None):
+    """log p(target) of every position [b, s] in float32 (0 where the loss mask is 0), from
+    hidden states `h` if given. The target's logit is picked by comparison with an iota, so
+    vocab-sharded logits stay put."""
+    h = hidden(params, batch, cfg, ordered) if h is None else h
+    logits = output_logits(h, params, cfg.model)
     picked = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == batch["targets"][..., None],
                                logits, 0.0), axis=-1)
     return (picked - jax.nn.logsumexp(logits, axis=-1)) * batch["loss_mask"]
 
 
-def sequence_logps(params, batch, cfg: Config, ordered: bool = True):
+def sequence_logps(params, batch, cfg: Config, ordered: bool = True, h=None):
     """Summed log-probabilities of each row's masked tokens [b] (one sequence per row)."""
-    return jnp.sum(token_logps(params, batch, cfg, ordered), axis=1)
+    return jnp.sum(token_logps(params, batch, cfg, ordered, h), axis=1)
 
 
-def sft(cfg: Config, ordered: bool):
+def hidden_fn_of(cfg: Config, ordered: bool, given=None):
+    """The objective's `hidden(params, batch)`: given (the pipeline's), else the model's."""
+    return given or (lambda params, batch: hidden(params, batch, cfg, ordered))
+
+
+def sft(cfg: Config, ordered: bool, hidden_fn=None):
+    hidden_fn = hidden_fn_of(cfg, ordered, hidden_fn)
+
     def objective(params, batch):
-        h = hidden(params, batch, cfg, ordered)
+        h = hidden_fn(params, batch)
         loss = head_loss(h, params, batch["targets"], batch["loss_mask"], cfg.model)
         guess = jnp.argmax(output_logits(jax.lax.stop_gradient(h), jax.lax.stop_gradient(params), cfg.model), -1)
         correct = jnp.sum((guess == batch["targets"]) * batch["loss_mask"])
@@ -49,9 +58,9 @@ def sft(cfg: Config, ordered: bool):
     return objective
 
 
-def last_token_values(params, batch, cfg: Config, ordered: bool = True):
+def last_token_values(params, batch, cfg: Config, ordered: bool = True, h=None):
     """The value head at each row's last token [b] (one sequence per row, from position 0)."""
-    h = hidden(params, batch, cfg, ordered)
+    h = hidden(params, batch, cfg, ordered) if h is None else h
     length = jnp.sum(batch["segment_ids"] > 0, axis=1)
     last = (batch["positions"] == (length - 1)[:, None]) & (batch["segment_ids"] > 0)
     return value_of(jnp.einsum("bs,bsd->bd", last.astype(h.dtype), h), params)
@@ -65,9 +74,11 @@ def bradley_terry(chosen, rejected):
         "margin": jnp.sum(margin), "reward_chosen": jnp.sum(chosen), "reward_rejected": jnp.sum(rejected)}
 
 
-def reward_model(cfg: Config, ordered: bool):
+def reward_model(cfg: Config, ordered: bool, hidden_fn=None):
+    hidden_fn = hidden_fn_of(cfg, ordered, hidden_fn)
+
     def objective(params, batch):
-        r = last_token_values(params, batch, cfg, ordered).reshape(-1, 2)
+        r = last_token_values(params, batch, cfg, h=hidden_fn(params, batch)).reshape(-1, 2)
         return bradley_terry(r[:, 0], r[:, 1])
     return objective
 
@@ -85,9 +96,11 @@ def dpo_loss(logps, ref_logps, chosen_tokens, ac: AlignConfig):
         "rejected_logratio": jnp.sum(rejected), "accuracy": jnp.sum(chosen > rejected).astype(jnp.float32)}
 
 
-def dpo(cfg: Config, ordered: bool):
+def dpo(cfg: Config, ordered: bool, hidden_fn=None):
+    hidden_fn = hidden_fn_of(cfg, ordered, hidden_fn)
+
     def objective(params, batch):
-        logps = sequence_logps(params, batch, cfg, ordered)
+        logps = sequence_logps(params, batch, cfg, h=hidden_fn(params, batch))
         chosen_tokens = jnp.sum(batch["loss_mask"], axis=1).reshape(-1, 2)[:, 0]
         return dpo_loss(logps, batch["ref_logps"], chosen_tokens, cfg.align)
     return objective

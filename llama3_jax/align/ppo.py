@@ -119,9 +119,11 @@ def losses(logp, logp_all, values, batch, a):
     return jnp.sum((policy + a.value_coef * value) * m), sums
 
 
-def objective(cfg: Config, ordered: bool):
+def objective(cfg: Config, ordered: bool, hidden_fn=None):
+    hidden_fn = objectives.hidden_fn_of(cfg, ordered, hidden_fn)
+
     def fn(params, batch):
-        h = objectives.hidden(params, batch, cfg, ordered)
+        h = hidden_fn(params, batch)
         logp_all = jax.nn.log_softmax(output_logits(h, params, cfg.model), axis=-1)
         iota = jax.lax.broadcasted_iota(jnp.int32, logp_all.shape, 2)
         logp = jnp.sum(jnp.where(iota == batch["targets"][..., None], logp_all, 0.0), axis=-1)

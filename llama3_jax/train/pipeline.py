@@ -295,6 +295,23 @@ def _send_perm(plan: Plan):
     return [(i, i + 1) for i in range(P - 1)]
 
 
+def _last_stage(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan):
+    """The last stage's outputs [M, B/M, s, dim] (micro-batch m holds rows m, m+M, ...)."""
+    M, P = plan.microbatches, plan.pp
+    layers = {n: params[n].astype(jnp.float32) for n in LAYER_PARAMS}
+    stage_w = {n: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, stage_spec(n, a.shape, mesh)))
+               for n, a in to_stages(layers, plan).items()}
+    x = embed_tokens(params["embed"], batch["tokens"], cfg)
+    x = split_microbatches(x.astype(jnp.float32), M, ("batch", "seq_sp", "embed"))
+    seg, pos = (split_microbatches(batch[k], M, ("batch", "seq")) for k in ("segment_ids", "positions"))
+    loop = functools.partial(_stage_loop, plan=plan, cfg=cfg, send_perm=_send_perm(plan),
+                             ordered=mesh.shape["cp"] == 1)
+    outs = jax.shard_map(loop, mesh=mesh, in_specs=(PartitionSpec(AXIS), PartitionSpec(), PartitionSpec(),
+                                                     PartitionSpec()),
+                         out_specs=PartitionSpec(AXIS), axis_names={AXIS})(stage_w, x, seg, pos)
+    return outs[(P - 1) * M:]  # the last rank's block: the last stage's outputs
+
+
 def pipeline_loss(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan):
     """Summed token losses of the batch, computed by the pipeline (differentiable).
 
@@ -302,19 +319,8 @@ def pipeline_loss(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan)
     and loss after it, as ordinary auto-sharded code: the head's micro-batches are split
     over the pp ranks, so no rank carries the whole output layer's work."""
     M, P = plan.microbatches, plan.pp
-    layers = {n: params[n].astype(jnp.float32) for n in LAYER_PARAMS}
-    stage_w = {n: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, stage_spec(n, a.shape, mesh)))
-               for n, a in to_stages(layers, plan).items()}
-    x = embed_tokens(params["embed"], batch["tokens"], cfg)
-    x = split_microbatches(x.astype(jnp.float32), M, ("batch", "seq_sp", "embed"))
-    seg, pos, targets, mask = (split_microbatches(batch[k], M, ("batch", "seq"))
-                               for k in ("segment_ids", "positions", "targets", "loss_mask"))
-    loop = functools.partial(_stage_loop, plan=plan, cfg=cfg, send_perm=_send_perm(plan),
-                             ordered=mesh.shape["cp"] == 1)
-    outs = jax.shard_map(loop, mesh=mesh, in_specs=(PartitionSpec(AXIS), PartitionSpec(), PartitionSpec(),
-                                                     PartitionSpec()),
-                         out_specs=PartitionSpec(AXIS), axis_names={AXIS})(stage_w, x, seg, pos)
-    y = outs[(P - 1) * M:]  # the last rank's block: the last stage's outputs
+    y = _last_stage(params, batch, cfg, mesh, plan)
+    targets, mask = (split_microbatches(batch[k], M, ("batch", "seq")) for k in ("targets", "loss_mask"))
 
     def micro_loss(h, targets, mask):
         return head_loss(final_hidden(h, params["norm"], cfg), params, targets, mask, cfg)
@@ -322,6 +328,14 @@ def pipeline_loss(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan)
     # Split the micro-batches' head and loss over the pp ranks when they divide evenly.
     losses = jax.vmap(micro_loss, spmd_axis_name=AXIS if M % P == 0 else None)(y, targets, mask)
     return jnp.sum(losses)
+
+
+def pipeline_hidden(params: dict, batch: dict, cfg: ModelConfig, mesh, plan: Plan):
+    """Final-normed hidden states [B, s, dim] in the batch's row order, computed by the
+    pipeline (differentiable): what a post-training objective's head takes."""
+    y = _last_stage(params, batch, cfg, mesh, plan)
+    y = jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])  # undo split_microbatches
+    return final_hidden(y, params["norm"], cfg)
 
 
 def make_grad_fn(cfg: Config, mesh, mesh_cfg: MeshConfig):
@@ -339,3 +353,9 @@ def make_grad_fn(cfg: Config, mesh, mesh_cfg: MeshConfig):
 
     grad_fn.plan = plan
     return grad_fn
+
+
+def make_hidden_fn(cfg: Config, mesh, mesh_cfg: MeshConfig):
+    """`hidden(params, batch)`: `pipeline_hidden` over the mesh's `pp` axis."""
+    plan = make_plan(cfg.model, mesh_cfg, mesh.shape[AXIS])
+    return functools.partial(pipeline_hidden, cfg=cfg.model, mesh=mesh, plan=plan)

@@ -86,9 +86,10 @@ def synthetic_batch(batch: int, seq_len: int, vocab_size: int, seed: int = 0) ->
 
 # ---------------------------------------------------------------- the step
 
-def pretrain_objective(cfg: Config, ordered: bool):
+def pretrain_objective(cfg: Config, ordered: bool, hidden_fn=None):
     """`objective(params, batch) -> (summed loss, {"count": tokens, ...sums})`: the next-token
-    loss over the batch's loss mask. Post-training stages bring their own (llama3_jax.align)."""
+    loss over the batch's loss mask. Post-training stages bring their own (llama3_jax.align),
+    which take `hidden_fn(params, batch)` (final hidden states; the pipeline's under pp)."""
     def objective(params, batch):
         return loss_sum(params, batch, cfg.model, ordered), {"count": jnp.sum(batch["loss_mask"])}
     return objective
@@ -106,13 +107,17 @@ def make_step(cfg: Config, mesh, mesh_cfg: MeshConfig, objective=pretrain_object
     opt = make_optimizer(cfg.train)
     schedule = lr_schedule(cfg.train)
     micro = cfg.train.micro_batches
-    if mesh.shape["pp"] > 1:
+    if mesh.shape["pp"] > 1 and objective is pretrain_objective:
         from llama3_jax.train import pipeline
         pipe_grad = pipeline.make_grad_fn(cfg, mesh, mesh_cfg)
 
         def grad_fn(params, batch):
             loss, grads = pipe_grad(params, batch)
             return (loss, {"count": jnp.sum(batch["loss_mask"])}), grads
+    elif mesh.shape["pp"] > 1:  # a post-training objective's head on the pipeline's hidden states
+        from llama3_jax.train import pipeline
+        grad_fn = jax.value_and_grad(objective(cfg, ordered=mesh.shape["cp"] == 1,
+                                               hidden_fn=pipeline.make_hidden_fn(cfg, mesh, mesh_cfg)), has_aux=True)
     else:
         # Context parallelism reorders the tokens (parallel.sharding.cp_order).
         grad_fn = jax.value_and_grad(objective(cfg, ordered=mesh.shape["cp"] == 1), has_aux=True)
