@@ -133,11 +133,10 @@ def objective(cfg: Config, ordered: bool, hidden_fn=None):
 
 
 def _measure(params, batch, cfg: Config, with_values: bool):
-    h = objectives.hidden(params, batch, cfg, True)
-    logits = output_logits(h, params, cfg.model)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    logp = jnp.sum(jnp.where(iota == batch["targets"][..., None], jax.nn.log_softmax(logits, -1), 0.0), -1)
-    return logp * batch["loss_mask"], (value_of(h, params) if with_values else jnp.zeros_like(logp))
+    """Per-position log-probabilities of the targets and (PPO) the value head's estimates."""
+    h = objectives.hidden(params, batch, cfg)
+    logp = objectives.token_logps(params, batch, cfg, h=h)
+    return logp, (value_of(h, params) if with_values else jnp.zeros_like(logp))
 
 
 # ---------------------------------------------------------------- rollouts
