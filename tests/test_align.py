@@ -17,7 +17,7 @@ import transformers
 
 from llama3_jax.align import objectives, ppo, stages, task
 from llama3_jax.config import ConfigError, DataConfig, MeshConfig, load_config
-from llama3_jax.data.chat import chat_tokens, load_examples, make_chat_iterator, pairs_batch, as_example
+from llama3_jax.data.chat import as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch, rows_batch
 from llama3_jax.formats import convert
 from llama3_jax.formats.bpe import default_tokenizer
 from llama3_jax.infer.generate import load_for_inference
@@ -133,24 +133,12 @@ def test_sft_rows_pack_whole_conversations_and_resume_exactly(tmp_path):
 
 # ---------------------------------------------------------------- losses against oracles
 
-def one_per_row(examples, seq_len):
-    """A batch of single conversations, each from position 0, right-padded."""
-    b = {k: np.zeros((len(examples), seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    b["loss_mask"] = np.zeros((len(examples), seq_len), np.float32)
-    for i, (x,) in enumerate(examples):
-        n = len(x)
-        b["tokens"][i, :n], b["segment_ids"][i, :n], b["positions"][i, :n] = x[:, 0], 1, np.arange(n)
-        b["targets"][i, :n] = np.maximum(x[:, 1], 0)
-        b["loss_mask"][i, :n] = x[:, 1] >= 0
-    return b
-
-
 def test_sft_loss_equals_transformers_with_ignored_labels(runs, tmp_path):
     assert convert.main(["to-hf", str(runs / "sft"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     params, model_cfg, tok, _ = load_for_inference(runs / "sft", dtype="float32")
     cfg = dataclasses.replace(load_config("debug-tiny"), model=model_cfg)
     examples, _ = load_examples(DataConfig(path=str(runs / "sft" / "task" / "sft.jsonl")), tok, "sft", 64)
-    batch = one_per_row(examples[:6], 48)
+    batch = rows_batch([x for (x,) in examples[:6]], 48)  # one conversation per row, from position 0
     loss, sums = objectives.sft(cfg, True)(params, batch)
     ours = float(loss / sums["count"])
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

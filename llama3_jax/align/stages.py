@@ -18,7 +18,8 @@ import numpy as np
 
 from llama3_jax.align import objectives, ppo, task
 from llama3_jax.config import Config, ConfigError
-from llama3_jax.data.chat import as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch
+from llama3_jax.data.chat import (as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch,
+                                  rows_batch)
 from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
 
 ROWS = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
@@ -116,13 +117,11 @@ def answer_probability(params, cfg: Config, tok, mesh, n: int = 64) -> float:
     """The mean probability the policy gives the right answer (and its <|eot_id|>) on n
     training problems: the expected reward of sampling at temperature 1, with no sampling noise."""
     rows = task.rows("sft", n, cfg.align.task_max_operand, seed=cfg.data.seed + 7)
-    examples = [(as_example(*chat_tokens(tok, r["messages"])),) for r in rows]
-    seqs = [x for (x,) in examples]
-    length = max(len(x) for x in seqs)
-    batch = pairs_batch([(x, x) for x in seqs], length)  # one conversation per row (each twice)
+    seqs = [as_example(*chat_tokens(tok, r["messages"])) for r in rows]
+    batch = rows_batch(seqs, max(len(x) for x in seqs))
     with jax.set_mesh(mesh):
         logps = np.asarray(jax.jit(functools.partial(objectives.sequence_logps, cfg=cfg))(params, batch))
-    return float(np.mean(np.exp(logps[0::2])))
+    return float(np.mean(np.exp(logps)))
 
 
 def pair_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = False) -> float:
@@ -136,12 +135,8 @@ def pair_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = Fals
 
 def rewards(params, cfg: Config, seqs, mesh) -> np.ndarray:
     """The reward model's value at the last token of each token sequence."""
-    longest = max(len(s) for s in seqs)
-    batch = {k: np.zeros((len(seqs), longest), np.int32) for k in ("tokens", "segment_ids", "positions")}
-    for i, s in enumerate(seqs):
-        batch["tokens"][i, :len(s)] = s
-        batch["segment_ids"][i, :len(s)] = 1
-        batch["positions"][i, :len(s)] = np.arange(len(s))
+    examples = [as_example(np.asarray(ids, np.int32), np.zeros(len(ids), bool)) for ids in seqs]
+    batch = rows_batch(examples, max(len(x) for x in examples))
     with jax.set_mesh(mesh):
         fn = jax.jit(functools.partial(objectives.last_token_values, cfg=cfg))
         return np.asarray(fn(params, batch))

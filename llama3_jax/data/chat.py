@@ -159,14 +159,15 @@ def load_examples(data: DataConfig, tokenizer, kind: str, seq_len: int, formatti
 # ------------------------------------------------------------------------ iterators
 
 class _PairRows:
-    """A preference pair -> two rows (chosen, rejected), each one sequence padded to seq_len."""
+    """Examples (a preference pair's chosen and rejected) -> one row each, a single sequence
+    from position 0, padded to seq_len."""
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 
-    def __call__(self, pair):
+    def __call__(self, examples):
         rows = []
-        for x in pair:
+        for x in examples:
             n = len(x)
             pad = np.zeros((self.seq_len, 2), np.int32)
             pad[:n] = x
@@ -182,10 +183,14 @@ class _FlattenPairs(_MakeBatch):
         return super().__call__([row for pair in pairs for row in pair])
 
 
+def rows_batch(examples: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """A batch of one [n, 2] example per row, from position 0, padded to seq_len."""
+    return _MakeBatch(len(examples), seq_len)(_PairRows(seq_len)(examples))
+
+
 def pairs_batch(pairs: Sequence, seq_len: int) -> dict[str, np.ndarray]:
     """The batch of preference examples (as `load_examples` gives them), as the iterator makes it."""
-    to_rows = _PairRows(seq_len)
-    return _FlattenPairs(2 * len(pairs), seq_len)([to_rows(p) for p in pairs])
+    return rows_batch([x for pair in pairs for x in pair], seq_len)
 
 
 def make_chat_iterator(examples: list, kind: str, data: DataConfig, *, global_batch: int, seq_len: int,
