@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=4, help="fake CPU devices (>= the largest pp)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations")
+    ap.add_argument("--grid", default=None, help="configurations pp/V/M, comma-separated (e.g. 1/1/1,2/2/4)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--seq", type=int, default=128)
@@ -53,7 +54,9 @@ def main() -> None:
         "model.tie_embeddings=false", "model.compute_dtype=float32", "model.remat=none",
         f"data.seq_len={args.seq}", f"train.global_batch={args.batch}", "train.warmup_steps=0"])
 
-    if args.quick:
+    if args.grid:
+        grid = [tuple(int(x) for x in item.split("/")) for item in args.grid.split(",")]
+    elif args.quick:
         grid = [(1, 1, 1), (2, 1, 1), (2, 1, 4), (2, 2, 4), (4, 1, 4), (4, 2, 4)]
     else:
         grid = [(1, 1, 1),

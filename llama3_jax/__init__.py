@@ -2,13 +2,15 @@
 
 The package is a room per capability; imports run one way, down this list:
 
-    config.py   typed configs, presets, the one `validate`   (standard library only)
+    config/     typed configs, presets, the one `validate`   (standard library only)
     parallel/   the logical-axis rule table, meshes, multi-process start-up
     model/      the Llama 3 model, attention, the loss
-    data/       sources, packing, mixing, checkpointable iterators
+    data/       sources, held-out splits, packing, mixing, checkpointable iterators
     formats/    run checkpoints (Orbax), Hugging Face, Meta, the tokenizer, `load`
-    infer/      sampling
-    train/      optimizer and step (`Trainer`), pipeline schedule, metrics, the loop
+    infer/      KV-cache generation, int8
+    align/      post-training: SFT, reward model, rejection sampling, DPO, PPO/GRPO
+    eval/       lm-evaluation-harness on our model (`python -m llama3_jax.evaluate`)
+    train/      optimizer and step (`Trainer`), pipeline schedule, held-out loss, metrics, the loop
 
 Public surface: `load`, `Tokenizer`, `Llama`, `Config`, `ModelConfig`, `MeshConfig`,
 `load_config`, `load_mesh`, the `llama3-train` / `llama3-convert` commands (also

@@ -51,19 +51,24 @@ def train(out, steps, mesh, processes=1, extra=()):
 def test_two_processes_match_one_process_and_resume(tmp_path):
     mesh = tmp_path / "fsdp8.toml"
     mesh.write_text("[mesh]\ndp = 2\nfsdp = 4\n")
-    single = train(tmp_path / "single", 6, mesh)
+    evaluate = ["train.eval_every=3", "train.eval_batches=1"]  # held-out loss: each process scores its rows
+    single = train(tmp_path / "single", 6, mesh, extra=evaluate)
     assert "on 8 cpu device(s)" in single[0]
 
     multi = tmp_path / "multi"
-    outs = train(multi, 4, mesh, processes=2)  # checkpoints at 3 and (final) 4
+    outs = train(multi, 4, mesh, processes=2, extra=evaluate)  # checkpoints at 3 and (final) 4
     assert "on 8 cpu device(s)" in outs[0] and "model debug-tiny" not in outs[1]  # only process 0 logs
-    outs = train(multi, 6, mesh, processes=2)  # restores step 4 on both processes
+    outs = train(multi, 6, mesh, processes=2, extra=evaluate)  # restores step 4 on both processes
     assert "resumed" in outs[0] and "at step 4" in outs[0]
 
-    want = [r["loss"] for r in read_metrics(tmp_path / "single")]
-    got = [r["loss"] for r in read_metrics(multi)]
+    want = [r["loss"] for r in read_metrics(tmp_path / "single") if "loss" in r]
+    got = [r["loss"] for r in read_metrics(multi) if "loss" in r]
     assert len(got) == 6
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    evals = lambda run: {r["step"]: r["eval_loss"] for r in read_metrics(run) if r.get("event") == "eval"}  # noqa
+    assert sorted(evals(multi)) == [3, 4, 6] and sorted(evals(tmp_path / "single")) == [3, 6]
+    for step in (3, 6):
+        np.testing.assert_allclose(evals(multi)[step], evals(tmp_path / "single")[step], rtol=1e-5)
 
 
 def test_resuming_on_another_process_count_explains_data_shards(tmp_path):

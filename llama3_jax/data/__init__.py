@@ -4,8 +4,9 @@ batched with Grain, as checkpointable iterators (see `llama3_jax.data.packing`).
 Imports: `llama3_jax.config` only (a tokenizer is passed in).
 """
 
-from llama3_jax.data.packing import DataIterator, ShardedBatches, check_bad_rows, encode_document, make_iterator
+from llama3_jax.data.packing import (DataIterator, ShardedBatches, check_bad_rows, encode_document, heldout_batches,
+                                     make_iterator)
 from llama3_jax.data.sources import BadRow, document_source, open_sources, resolve_kind
 
 __all__ = ["BadRow", "DataIterator", "ShardedBatches", "check_bad_rows", "document_source", "encode_document",
-           "make_iterator", "open_sources", "resolve_kind"]
+           "heldout_batches", "make_iterator", "open_sources", "resolve_kind"]

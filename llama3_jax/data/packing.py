@@ -36,9 +36,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from llama3_jax.config import ConfigError, DataConfig
-from llama3_jax.data.sources import BadRow, check_data, open_sources
+from llama3_jax.data.sources import DEFAULT_CORPUS_HELDOUT, BadRow, check_data, open_sources
 
-__all__ = ["DataIterator", "ShardedBatches", "encode_document", "make_iterator"]
+__all__ = ["DataIterator", "ShardedBatches", "encode_document", "heldout_batches", "make_iterator"]
 
 _STATE_VERSION = 1
 # Seeds of different sources are spread apart so their shuffles are unrelated
@@ -233,8 +233,12 @@ def _data_settings(data: DataConfig) -> dict:
     """What in the data config decides a shard's stream (seq_len and the shard count are
     recorded on their own; the bad-row limit decides none, and raising it must resume)."""
     d = dataclasses.asdict(data)
-    for k in ("seq_len", "shards", "max_bad_row_fraction"):
+    for k in ("seq_len", "shards", "max_bad_row_fraction", "eval_sources"):
         d.pop(k, None)
+    if not d["eval_fraction"]:  # runs from before held-out fractions existed resume
+        d.pop("eval_fraction")
+    if not data.sources and not data.path:  # the default corpus holds out some files
+        d["default_corpus_heldout"] = data.eval_fraction or DEFAULT_CORPUS_HELDOUT
     return json.loads(json.dumps(d, default=str))
 
 
@@ -331,6 +335,20 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
                 # hashed data.shards too) still resume.
                 "data_legacy": _fingerprint({**settings, "shards": data.shards})}
     return DataIterator(ds, rows=rows, seq_len=seq_len, identity=identity)
+
+
+def heldout_batches(data: DataConfig, tokenizer, *, global_batch: int, seq_len: int, batches: int
+                    ) -> list[tuple[str, list[dict[str, np.ndarray]]]]:
+    """(source name, up to `batches` global batches) of each held-out source
+    (`open_sources(data, "eval")`), the same on every run and resume: one pass over the
+    source's shuffled held-out documents, rows unshuffled, the last batch padded with empty rows."""
+    out = []
+    settings = dataclasses.replace(data, shuffle_rows=0, shards=0)
+    for name, docs, _ in open_sources(data, "eval"):
+        with make_iterator(settings, tokenizer, global_batch=global_batch, seq_len=seq_len, epoch_loop=False,
+                           prefetch=0, sources=[(name, docs, 1.0)]) as it:
+            out.append((name, [b for _, b in zip(range(batches), it)]))
+    return out
 
 
 class ShardedBatches:

@@ -284,12 +284,66 @@ def document_source(source: DataSource):
     return ParquetRows(paths, source.field)
 
 
-def open_sources(data: DataConfig) -> list[tuple[str, object, float]]:
+# The share of the default corpus's files held out for evaluation (never trained on) when
+# data.eval_fraction is 0.
+DEFAULT_CORPUS_HELDOUT = 0.02
+SPLITS = ("train", "eval")
+
+
+class Subset:
+    """Random-access documents: the documents of `docs` at `indices`."""
+
+    def __init__(self, docs, indices: np.ndarray):
+        self.docs, self.indices = docs, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.docs[int(self.indices[i])]
+
+    @property
+    def paths(self) -> list[str]:
+        """The files its documents come from."""
+        paths = getattr(self.docs, "paths", [])
+        return [paths[i] for i in self.indices] if isinstance(self.docs, TextFiles) else paths
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self)} of {self.docs!r})"
+
+
+def heldout_mask(n: int, fraction: float) -> np.ndarray:
+    """Which of n documents are held out: a fixed pseudo-random choice of round(fraction x n)
+    (at least one when fraction > 0 and n > 1), the same on every run and machine."""
+    held = np.zeros(n, bool)
+    k = min(max(round(fraction * n), 1 if fraction > 0 and n > 1 else 0), n - 1)
+    held[np.random.default_rng(20240723).permutation(n)[:k]] = True
+    return held
+
+
+def _split(docs, fraction: float, split: str):
+    """The training or held-out part of a source's documents (None: no held-out part)."""
+    if fraction == 0:
+        return docs if split == "train" else None
+    held = heldout_mask(len(docs), fraction)
+    idx = np.flatnonzero(held if split == "eval" else ~held)
+    return Subset(docs, idx) if len(idx) else None
+
+
+def open_sources(data: DataConfig, split: str = "train") -> list[tuple[str, object, float]]:
     """(name, documents, weight) of every configured source (each file indexed once), or
-    of the default corpus when none is configured."""
+    of the default corpus when none is configured; `split` "eval": the held-out documents
+    (data.eval_sources, else data.eval_fraction of each source; sources without any left out)."""
+    assert split in SPLITS, split
     if not configured_sources(data):
-        return [("<default corpus>", _default_corpus_source(), 1.0)]
-    return [(s.path, document_source(s), float(s.weight)) for s in configured_sources(data)]
+        held = data.eval_fraction or DEFAULT_CORPUS_HELDOUT
+        parts = [("<default corpus>", _split(_default_corpus_source(), held, split), 1.0)]
+    elif split == "eval" and data.eval_sources:
+        return [(s.path, document_source(s), float(s.weight)) for s in data.eval_sources]
+    else:
+        parts = [(s.path, _split(document_source(s), data.eval_fraction, split), float(s.weight))
+                 for s in configured_sources(data)]
+    return [p for p in parts if p[1] is not None]
 
 
 def _default_corpus_source():
@@ -324,7 +378,13 @@ def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> N
                           f"got {data.max_bad_row_fraction}")
     if data.path and data.sources:
         raise ConfigError("set data.path (one source) or [[data.sources]], not both")
-    for source in configured_sources(data):
+    if not 0 <= data.eval_fraction <= 0.5:
+        raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 0.5] (the share of each source's "
+                          "documents held out for evaluation)")
+    if data.eval_fraction and data.eval_sources:
+        raise ConfigError("set data.eval_sources (held-out files) or data.eval_fraction (held out from each source), "
+                          "not both")
+    for source in configured_sources(data) + tuple(data.eval_sources):
         check_source(source)
 
 

@@ -157,8 +157,9 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
         if isinstance(source, RunSource):
             run_cfg, _, _ = read_config(src, step)
             tok = run_tokenizer(run_cfg, src)
-        elif (pathlib.Path(src) / "tokenizer.model").is_file():
-            tok = load_tokenizer(pathlib.Path(src) / "tokenizer.model")
+        else:  # a converted checkpoint's, or a Hugging Face directory's original/ (Meta's repos ship one)
+            found = [c for c in ("tokenizer.model", "original/tokenizer.model") if (pathlib.Path(src) / c).is_file()]
+            tok = load_tokenizer(pathlib.Path(src) / found[0]) if found else None
     if tok is not None:
         check_fits(tok, cfg, ": it belongs to another model; pass the model's own with --tokenizer")
     mesh = mesh or make_mesh(devices=jax.devices()[:1])

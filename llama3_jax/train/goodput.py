@@ -3,7 +3,7 @@
 Each session (one process lifetime) appends events to RUN/goodput/events.jsonl as it goes,
 so a session that is SIGKILLed loses only what it had not yet written. The categories mirror
 Google's ml-goodput-measurement: productive steps, and time lost to startup, compile,
-checkpoint save, restore, data wait, steps re-done after a restart or rollback, skipped
+checkpoint save, restore, data wait, evaluation, steps re-done after a restart or rollback, skipped
 (bad) steps, watchdog kills, and the rest ("disruption": a killed session's last moments and the gap
 before the restart).
 The summary is RUN/goodput.json; `summarize` recomputes it from the events at any time.
@@ -18,7 +18,7 @@ import time
 
 from llama3_jax.train.metrics import read_jsonl
 
-KINDS = ("productive", "startup", "compile", "save", "restore", "data", "redo", "skipped", "watchdog")
+KINDS = ("productive", "startup", "compile", "save", "restore", "data", "eval", "redo", "skipped", "watchdog")
 
 
 def process_start_time() -> float:

@@ -108,10 +108,11 @@ def main(argv=None) -> int:
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
     from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
     from llama3_jax.model import flops_per_token, param_count
-    from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss
+    from llama3_jax.train.metrics import MetricsWriter, peak_flops, plot_loss, read_metrics
     from llama3_jax.train import recovery
     from llama3_jax.train.goodput import Goodput, format_summary
     from llama3_jax.train.step import Trainer, param_shardings
+    from llama3_jax.train.validation import Validation
 
     if args.compile_only:
         from llama3_jax.train import plan
@@ -161,6 +162,11 @@ def main(argv=None) -> int:
         run_tokens = tc.steps * tc.global_batch * cfg.data.seq_len
         for line in format_report(describe_sources(batches.sources, tok, run_tokens=run_tokens)):
             log(line)
+    validation = Validation(trainer, tok, **where) if tc.eval_every and not post else None
+    benchmark = None
+    if tc.benchmark_every and not post:
+        from llama3_jax.eval.harness import Benchmark
+        benchmark = Benchmark(cfg, tok, trainer.mesh, out)
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "tokenizer.model"
     if not cfg.data.tokenizer and not kept.exists() and is_main:
@@ -258,6 +264,25 @@ def main(argv=None) -> int:
         bar.write(f"step {step}: {reason} loss {row['loss']:.4g} on batch {index}; no update applied")
         return bool(tc.rollback_after) and len(bad) >= tc.rollback_after
 
+    def evaluate(step, params) -> float:
+        """Held-out loss and benchmarks when due (every process takes part; process 0 writes);
+        the seconds they took once the step's parameters were ready."""
+        due = [v for v, every in ((validation, tc.eval_every), (benchmark, tc.benchmark_every))
+               if v is not None and (step % every == 0 or step == tc.steps)]
+        if not due:
+            return 0.0
+        jax.block_until_ready(params)  # the step's own time stays the step's
+        t = time.perf_counter()
+        watchdog.arm(tc.compile_timeout_s, f"evaluation at step {step}")  # benchmarks can take long
+        if validation in due:
+            row = writer.write({"step": step, "event": "eval", **validation(params)})
+            bar.write(f"step {step}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
+        if benchmark in due:
+            writer.write({"step": step, "event": "benchmark", **benchmark(params, step, log=bar.write)})
+        watchdog.arm(tc.step_timeout_s, f"step {step + 1}")
+        goodput.event("eval", time.perf_counter() - t)
+        return time.perf_counter() - t
+
     def rollback():
         """Reload the newest checkpoint from before the bad run, and skip its batches."""
         (first_step, first_batch), (last_step, last_batch) = bad[0], bad[-1]
@@ -332,6 +357,7 @@ def main(argv=None) -> int:
             pending = dispatched
             if pending is None:
                 break
+            ready += evaluate(step, state["params"])  # evaluation time is no step's time
             if mngr.should_save(step):
                 jax.block_until_ready(state)  # Orbax copies the state off the device before it returns
                 t = time.perf_counter()
@@ -364,6 +390,10 @@ def main(argv=None) -> int:
         return stop.exit_code
     for line in format_summary(summary):
         log(line)
+    final_eval = [r for r in read_metrics(out) if r.get("event") == "eval" and r["step"] == step] if is_main else []
+    if final_eval:
+        log(f"eval perplexity at step {step}: {final_eval[-1]['eval_ppl']:.2f} (loss {final_eval[-1]['eval_loss']:.4f} "
+            f"on {final_eval[-1]['eval_tokens']:,.0f} held-out tokens)")
 
     if post and stages.on_task(cfg, out):  # the stage's effect on the task (SPMD: every process takes part)
         results = stages.evaluate(state["params"], cfg, tok, trainer.mesh,

@@ -43,7 +43,8 @@ class MetricsWriter:
         self.file.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tb.add_scalar(f"train/{key}", value, record["step"])
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.tb.add_scalar(tag, value, record["step"])
         return record
 
     def close(self) -> None:
@@ -99,10 +100,14 @@ def plot_loss(run_dir) -> pathlib.Path:
     import matplotlib.pyplot as plt
     records = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    records = [r for r in records if "loss" in r]  # not the rollback events
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    evals = [r for r in records if r.get("event") == "eval"]
+    records = [r for r in records if "loss" in r]  # not the rollback and eval events
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.5, ms=3, label="held-out")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats/token)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(pathlib.Path(run_dir).name)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,39 +1,12 @@
-"""Typed configs loaded from TOML, with `section.key=value` overrides, and `validate`.
+"""The config dataclasses: [model], [data], [train], [align] of a run, and [mesh].
 
-A run config has three sections: [model], [data] and [train]; a mesh file has [mesh].
-Presets are the top-level `configs/` and `meshes/` folders of a checkout, which a wheel
-carries inside the package (`llama3_jax/configs`, `llama3_jax/meshes`). A config may start
-from another with a top-level `base = "name"` (a preset) or `base = "file.toml"` (a path
-relative to the config's own folder); sections are merged key by key. Unknown keys are
-errors that list the valid ones.
-
-`validate` is the one check of a config against a mesh, a device count and a process
-count; it runs before anything is compiled or written and raises `ConfigError` with a
-one-line message that names the fix.
-
-Imports: the standard library only (this is the bottom of the package).
+Imports: the standard library only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import pathlib
-import tomllib
-import typing
 from dataclasses import dataclass, field
-
-_PACKAGE = pathlib.Path(__file__).resolve().parent
-
-
-def preset_dir(kind: str) -> pathlib.Path:
-    """The folder of presets of `kind` ("configs" or "meshes"): inside an installed wheel,
-    else the checkout's top-level folder (a checkout, or an editable install)."""
-    for cand in (_PACKAGE / kind, _PACKAGE.parent / kind):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError(f"no {kind}/ folder next to {_PACKAGE}; reinstall llama3_jax")
-
 
 
 class ConfigError(ValueError):
@@ -154,6 +127,11 @@ class DataConfig:
     # logged once and counted. The run stops (with a checkpoint) once more than 10 different
     # rows were bad and the bad reads exceed this fraction of all documents read so far.
     max_bad_row_fraction: float = 0.01
+    # Held-out data for train.eval_every: sources never trained on (same format as sources),
+    # or else this fraction of each source's documents (a fixed choice by index), which
+    # training then never reads. The default corpus holds out 2% of its files when this is 0.
+    eval_sources: tuple[DataSource, ...] = ()
+    eval_fraction: float = 0.0
 
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
@@ -202,6 +180,16 @@ class TrainConfig:
     # than this; the first step, which compiles, gets compile_timeout_s. 0 = off.
     step_timeout_s: float = 600.0
     compile_timeout_s: float = 3600.0
+    # Pretraining: loss and perplexity on eval_batches held-out batches (data.eval_sources)
+    # every eval_every steps and at the end (0 = off); lm-evaluation-harness tasks (names,
+    # comma-separated; benchmark_include: a folder of task YAMLs) every benchmark_every
+    # steps and at the end, on at most benchmark_limit examples per task (0 = all).
+    eval_every: int = 0
+    eval_batches: int = 4
+    benchmark_every: int = 0
+    benchmark_tasks: str = ""
+    benchmark_include: str = ""
+    benchmark_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -244,124 +232,6 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "align": AlignConfig}
-
-
-def _coerce(value, typ, where: str):
-    """Turn a TOML value (or a command-line string) into the dataclass field's type."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], where)
-    if origin is tuple:  # tuple[DataSource, ...]
-        if isinstance(value, str):
-            raise ConfigError(f"{where} is a list of tables; set it in a TOML file")
-        return tuple(_coerce(v, args[0], where) for v in value)
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table")
-        return _build(typ, value, where)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if typ in (int, float):
-        try:
-            out = typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}") from None
-        if typ is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return out
-    if typ is str:
-        return str(value)
-    raise TypeError(typ)
-
-
-def _build(cls, values: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(where + '.' + u for u in unknown)}; "
-                          f"valid keys in [{where}]: {', '.join(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
-
-
-def resolve_preset(name_or_path: str, kind: str = "configs", relative_to: pathlib.Path | None = None
-                   ) -> pathlib.Path:
-    """A .toml path (relative to `relative_to` if given, else the working directory), else
-    the preset of that name in the `kind` folder."""
-    p = pathlib.Path(name_or_path).expanduser()
-    if p.suffix == ".toml":
-        p = (relative_to / p) if relative_to is not None and not p.is_absolute() else p
-        if p.is_file():
-            return p
-    directory = preset_dir(kind)
-    cand = directory / f"{name_or_path}.toml"
-    if cand.is_file():
-        return cand
-    known = sorted(x.stem for x in directory.glob("*.toml"))
-    what = {"configs": "config", "meshes": "mesh"}[kind]
-    raise ConfigError(f"{what} {name_or_path!r} not found: give a .toml path or one of {', '.join(known)}")
-
-
-def _read_toml(path: pathlib.Path) -> dict:
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-
-def _read_config(path: pathlib.Path, seen=()) -> dict:
-    raw = _read_toml(path)
-    base = raw.pop("base", None)
-    merged: dict = {}
-    if base is not None:
-        bpath = resolve_preset(str(base), relative_to=path.parent).resolve()
-        if bpath in seen or bpath == path.resolve():
-            raise ConfigError(f"{path}: circular base {base!r}")
-        merged = _read_config(bpath, seen + (path.resolve(),))
-    for section, values in raw.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
-        merged.setdefault(section, {}).update(values)
-    return merged
-
-
-def parse_override(text: str) -> tuple[str, str, str]:
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-3)")
-    key, value = text.split("=", 1)
-    section, name = key.split(".", 1)
-    if section not in SECTIONS:
-        raise ConfigError(f"override {text!r}: unknown section {section!r}; valid: {', '.join(SECTIONS)}")
-    return section, name, value
-
-
-def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a preset (or the defaults) and apply `section.key=value` overrides."""
-    raw = _read_config(resolve_preset(name_or_path)) if name_or_path else {}
-    for text in overrides:
-        section, name, value = parse_override(text)
-        raw.setdefault(section, {})[name] = value
-    cfg = Config(**{s: _build(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()})
-    cfg.model.validate()
-    return cfg
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> Config:
-    return Config(**{s: _build(cls, d.get(s, {}), s) for s, cls in SECTIONS.items()})
-
 
 
 MESH_AXES = ("dp", "fsdp", "pp", "cp", "tp")  # outermost first: TP innermost, as in the paper
@@ -411,88 +281,3 @@ class MeshConfig:
                 f"{n_devices} are available; change the mesh file (or set one axis to -1){FAKE_DEVICES_HINT}")
         return sizes
 
-
-def load_mesh(name_or_path: str | None = None) -> MeshConfig:
-    """A mesh file from `meshes/` (by name or path); None = one device."""
-    if not name_or_path:
-        return MeshConfig()
-    path = resolve_preset(name_or_path, kind="meshes")
-    raw = _read_toml(path)
-    unknown = sorted(set(raw) - {"mesh"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; a mesh file has only [mesh]")
-    return _build(MeshConfig, raw.get("mesh", {}), "mesh")
-
-
-# ---------------------------------------------------------------- validation
-
-def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: int = 1) -> dict:
-    """Every check of a run's settings that needs no data read and no compile: the model,
-    the mesh against the devices, heads, sequence and batch divisibility, the pipeline, the
-    processes (the data sources: `data.check_data`). Returns the mesh's {axis: size}."""
-    m, t = cfg.model, cfg.train
-    m.validate()
-    sizes = mesh_cfg.resolve(n_devices)
-    tp, cp, pp = sizes["tp"], sizes["cp"], sizes["pp"]
-    if m.n_heads % tp:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh tp={tp}; choose tp dividing it")
-    if m.n_kv_heads % tp and tp % m.n_kv_heads:
-        raise ConfigError(f"mesh tp={tp} must divide model.n_kv_heads={m.n_kv_heads} or be a multiple of it "
-                          "(KV heads are then replicated)")
-    seq = cfg.data.seq_len
-    if seq > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq} exceeds model.max_seq_len={m.max_seq_len}")
-    if seq % (2 * cp) and cp > 1:
-        raise ConfigError(f"data.seq_len={seq} must be divisible by 2*cp={2 * cp} for context parallelism")
-    if seq % (cp * tp):
-        raise ConfigError(f"data.seq_len={seq} must be divisible by cp*tp={cp * tp} (sequence parallelism)")
-    if m.loss_chunk and (seq % m.loss_chunk or m.loss_chunk % cp):
-        raise ConfigError(f"model.loss_chunk={m.loss_chunk} must divide data.seq_len={seq} and be divisible by "
-                          f"cp={cp}")
-    if pp > 1:  # pipeline settings first: the batch checks below divide by them
-        _check_pipeline(m, mesh_cfg, pp)
-    if t.stage not in STAGES:
-        raise ConfigError(f"train.stage={t.stage!r} unknown; choose one of {', '.join(STAGES)}")
-    if t.stage == "ppo" and pp > 1:
-        raise ConfigError("train.stage=ppo samples its rollouts with the generator, which runs on meshes without pp")
-    if t.stage in ("rm", "dpo") and t.global_batch % (2 * max(t.micro_batches, 1)):
-        raise ConfigError(f"train.stage={t.stage} trains on pairs of rows: give a train.global_batch divisible by "
-                          "2 x train.micro_batches")
-    if t.global_batch < 1 or t.micro_batches < 1:
-        raise ConfigError("train.global_batch and train.micro_batches must be positive")
-    if t.global_batch % t.micro_batches:
-        raise ConfigError(f"train.global_batch={t.global_batch} does not divide into "
-                          f"train.micro_batches={t.micro_batches}")
-    per_micro = t.global_batch // t.micro_batches
-    if pp > 1:
-        if per_micro % mesh_cfg.pp_microbatches:
-            raise ConfigError(f"the batch of {per_micro} rows does not divide into "
-                              f"mesh.pp_microbatches={mesh_cfg.pp_microbatches}")
-        per_micro //= mesh_cfg.pp_microbatches
-    data_ways = sizes["dp"] * sizes["fsdp"]
-    if per_micro % data_ways:
-        raise ConfigError(f"a micro-batch of {per_micro} rows does not divide over dp*fsdp={data_ways} devices; "
-                          "change train.global_batch, train.micro_batches or the mesh")
-    return sizes
-
-
-def _check_pipeline(m: ModelConfig, mesh_cfg: MeshConfig, pp: int) -> None:
-    M, V, L = mesh_cfg.pp_microbatches, mesh_cfg.pp_virtual_stages, m.n_layers
-    if M < 1:
-        raise ConfigError(f"mesh.pp_microbatches={M} must be at least 1")
-    if V < 1:
-        raise ConfigError(f"mesh.pp_virtual_stages={V} must be at least 1")
-    n = pp * V
-    if mesh_cfg.pp_light_ends:
-        if n < 2:
-            raise ConfigError("mesh.pp_light_ends needs at least two stages (pp * pp_virtual_stages >= 2)")
-        if (L + 2) % n:
-            raise ConfigError(
-                f"mesh.pp_light_ends: model.n_layers={L} plus the 2 lighter ends ({L + 2}) is not divisible "
-                f"into pp*pp_virtual_stages={pp}*{V}={n} stages; choose n_layers = k*{n} - 2 or drop light ends")
-        if (L + 2) // n < 2:
-            raise ConfigError(
-                f"mesh.pp_light_ends with model.n_layers={L} over {n} stages would leave the first and last "
-                "stage without layers; use fewer stages")
-    elif L % n:
-        raise ConfigError(f"model.n_layers={L} is not divisible into pp*pp_virtual_stages={pp}*{V}={n} stages")
