@@ -473,7 +473,7 @@ def test_hf_tokenizer_from_meta_tokenizer_matches_reference(tmp_path):
     import tokenizers
     ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     ref = tokenizers.Tokenizer.from_file(str(SHARED / "llama3-tokenizer" / "tokenizer.json"))
-    text = (REPO / "llama3_jax" / "config.py").read_text()[:20000] + \
+    text = (REPO / "llama3_jax" / "config" / "schema.py").read_text()[:20000] + \
         " This is a test sentence.\n\n héllo wörld 你好 🙂 <|eot_id|> 12345  'll\t\t"
     ids = ours.encode(text, add_special_tokens=False).ids
     assert ids == ref.encode(text, add_special_tokens=False).ids

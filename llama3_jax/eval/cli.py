@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def require_lm_eval() -> None:
+    """A one-line error, not a traceback, when the optional lm-eval is missing."""
+    import importlib.util
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install 'llama3_jax[eval]' (or lm-eval)")
+
+
 def default_output(src: str, step: int | None) -> pathlib.Path:
     from llama3_jax.formats.run import RunSource
     path = pathlib.Path(src)
@@ -52,6 +59,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        require_lm_eval()
         from llama3_jax.eval.harness import JaxLM, run_tasks, save_results, task_manager
         manager = task_manager(tasks, args.include_path)  # an unknown task fails before any weights load
         from llama3_jax.config import load_mesh

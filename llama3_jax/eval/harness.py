@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -185,12 +186,17 @@ class JaxLM(TemplateLM):
 
 # ---------------------------------------------------------------------- running tasks
 
+@functools.cache
+def _manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=include_path)  # indexes lm-eval's ~15k task YAMLs: seconds
+
+
 def task_manager(tasks: list[str], include_path: str | None = None):
     """lm_eval's TaskManager with our include path; an unknown task is a ConfigError."""
-    from lm_eval.tasks import TaskManager
     if include_path and not pathlib.Path(include_path).is_dir():
         raise ConfigError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
-    manager = TaskManager(include_path=include_path or None)
+    manager = _manager(str(pathlib.Path(include_path).resolve()) if include_path else None)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if not tasks or unknown:

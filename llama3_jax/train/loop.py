@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     validation = Validation(trainer, tok, **where) if tc.eval_every and not post else None
     benchmark = None
     if tc.benchmark_every and not post:
+        from llama3_jax.eval.cli import require_lm_eval
+        require_lm_eval()
         from llama3_jax.eval.harness import Benchmark
         benchmark = Benchmark(cfg, tok, trainer.mesh, out)
     out.mkdir(parents=True, exist_ok=True)
