@@ -18,3 +18,14 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+# Test files run whole on one worker (--dist loadfile), handed out in collection order: the
+# longest go first, so that no long file starts last while the other worker sits idle.
+LONGEST_FIRST = ["test_align", "test_parallel", "test_pipeline", "test_train", "test_benchmarks", "test_multihost",
+                 "test_eval", "test_recovery", "test_model", "test_infer", "test_convert", "test_install"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(pathlib.Path(str(item.fspath)).stem, len(rank)))

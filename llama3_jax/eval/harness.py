@@ -216,10 +216,10 @@ def run_tasks(lm: JaxLM, tasks: list[str], manager, *, limit: int | None = None,
 
 
 def flat_scores(results: dict) -> dict[str, float]:
-    """{"task/metric": value} of the numbers in lm_eval's results (stderrs left out)."""
+    """{"task/metric": value} of the metrics ("metric,filter" keys) in lm_eval's results, stderrs left out."""
     return {f"{task}/{name.split(',')[0]}": float(v) for task, metrics in results["results"].items()
             for name, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in name}
+            if "," in name and "stderr" not in name and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def save_results(results: dict, path: pathlib.Path) -> pathlib.Path:
