@@ -122,7 +122,11 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     p = start(out, 5000, "train.checkpoint_every=100000")
     wait_for_step(out, 2, p)
     p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    # The second Ctrl-C as soon as the first one's handler has run (not after a fixed pause,
+    # which a fast step-and-save can outlast, and not before, when the two could merge).
+    deadline = time.time() + 30
+    while "Ctrl-C: finishing" not in (tmp_path / "run.log").read_text() and time.time() < deadline:
+        time.sleep(0.001)
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=60) == 130
     log = (tmp_path / "run.log").read_text()
