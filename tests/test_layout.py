@@ -6,7 +6,7 @@ import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "llama3_jax"
 # A room may import itself and the rooms before it, never one after it.
-ROOMS = ["config", "parallel", "model", "data", "formats", "infer", "align", "eval", "train"]
+ROOMS = ["config", "parallel", "model", "data", "formats", "curate", "infer", "align", "eval", "train"]
 DEPENDENCIES = ("jax", "jnp", "np", "numpy", "flax", "nnx", "optax", "ocp", "orbax", "ts", "tensorstore", "grain",
                 "torch", "tiktoken", "tokenizers", "safetensors", "pq", "pa", "pyarrow", "ml_dtypes", "tqdm")
 

@@ -20,10 +20,10 @@ from llama3_jax.config.checks import validate
 from llama3_jax.config.load import (from_dict, load_config, load_mesh, parse_override, preset_dir, resolve_preset,
                                     to_dict)
 from llama3_jax.config.schema import (ATTENTION_IMPLS, DTYPES, FAKE_DEVICES_HINT, MESH_AXES, REMAT_POLICIES, SECTIONS,
-                                      STAGES, AlignConfig, Config, ConfigError, DataConfig, DataSource, MeshConfig,
-                                      ModelConfig, TrainConfig, dtype_of)
+                                      STAGES, AlignConfig, Config, ConfigError, ContextStage, DataConfig, DataSource,
+                                      MeshConfig, ModelConfig, TrainConfig, dtype_of)
 
 __all__ = ["ATTENTION_IMPLS", "DTYPES", "FAKE_DEVICES_HINT", "MESH_AXES", "REMAT_POLICIES", "SECTIONS", "STAGES",
-           "AlignConfig", "Config", "ConfigError", "DataConfig", "DataSource", "MeshConfig", "ModelConfig",
-           "TrainConfig", "dtype_of", "from_dict", "load_config", "load_mesh", "parse_override", "preset_dir",
+           "AlignConfig", "Config", "ConfigError", "ContextStage", "DataConfig", "DataSource", "MeshConfig",
+           "ModelConfig", "TrainConfig", "dtype_of", "from_dict", "load_config", "load_mesh", "parse_override", "preset_dir",
            "resolve_preset", "to_dict", "validate"]

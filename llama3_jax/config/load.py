@@ -72,6 +72,12 @@ def _build(cls, values: dict, where: str):
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
+def build(cls, values: dict, where: str):
+    """`values` (a TOML table) as the dataclass `cls`, coerced like a run config: unknown keys
+    are a ConfigError naming `where` and the valid keys. For other commands' configs."""
+    return _build(cls, values, where)
+
+
 def resolve_preset(name_or_path: str, kind: str = "configs", relative_to: pathlib.Path | None = None
                    ) -> pathlib.Path:
     """A .toml path (relative to `relative_to` if given, else the working directory), else

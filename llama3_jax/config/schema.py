@@ -132,9 +132,26 @@ class DataConfig:
     # training then never reads. The default corpus holds out 2% of its files when this is 0.
     eval_sources: tuple[DataSource, ...] = ()
     eval_fraction: float = 0.0
+    # Annealing (Llama 3 paper section 3.1.3): the last anneal_steps steps of train.steps read
+    # this mix instead (same format as sources; e.g. the high-quality shards upsampled).
+    anneal_sources: tuple[DataSource, ...] = ()
+    anneal_steps: int = 0
 
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+
+
+@dataclass(frozen=True)
+class ContextStage:
+    """A stage of long-context training ([[train.context_stages]]): from step `start_step`
+    (0-based, the first step it trains) on, rows of `seq_len` tokens, and optionally another
+    global batch (so that tokens per batch stay constant), context-parallel size (the mesh's
+    -1 axis takes the devices it frees or needs) and RoPE base. 0 = the run's own value."""
+    start_step: int
+    seq_len: int
+    global_batch: int = 0
+    cp: int = 0
+    rope_theta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,9 @@ class TrainConfig:
     benchmark_tasks: str = ""
     benchmark_include: str = ""
     benchmark_limit: int = 0
+    # Long-context extension in stages (Llama 3 paper section 3.4.2; train.context): each
+    # stage change saves, then resumes on the stage's mesh and sequence length.
+    context_stages: tuple[ContextStage, ...] = ()
 
 
 @dataclass(frozen=True)

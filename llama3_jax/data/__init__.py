@@ -1,5 +1,6 @@
 """Training data: documents from sources, tokenized, packed into rows, mixed by weight and
-batched with Grain, as checkpointable iterators (see `llama3_jax.data.packing`).
+batched with Grain, as checkpointable iterators (see `llama3_jax.data.packing`); the data
+schedule (annealing) and the mix as read (`llama3_jax.data.schedule`).
 
 Imports: `llama3_jax.config` only (a tokenizer is passed in).
 """

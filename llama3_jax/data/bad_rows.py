@@ -24,6 +24,7 @@ from llama3_jax.data.sources import BadRow
 # passed on (what `counts_in` reports: it includes documents the row shuffle read ahead).
 _BASE = ("llama3_jax_bad_reads", "llama3_jax_reads", "llama3_jax_bad_rows")
 _STAMP = tuple(k + "_stamp" for k in _BASE)
+_ROWS = "llama3_jax_rows_of_source_"  # + the source's index: rows it gave the mix
 
 _log = logging.getLogger("llama3_jax.data")
 _reported: set[str] = set()  # rows this process logged: an epoch loop meets them again
@@ -83,45 +84,66 @@ class _SkipBadRowsIterator(grain.DatasetIterator):
 
 
 class StampCounts(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, live: Live):
+    """Also counts the rows source `index` passed on to the mix (`rows_in`: the mix as read)."""
+
+    def __init__(self, parent: grain.IterDataset, live: Live, index: int = 0):
         super().__init__(parent)
-        self._live = live
+        self._live, self._rows_key = live, f"{_ROWS}{index}"
 
     def __iter__(self):
-        return _StampCountsIterator(self._parent.__iter__(), self._live)
+        return _StampCountsIterator(self._parent.__iter__(), self._live, self._rows_key)
 
 
 class _StampCountsIterator(grain.DatasetIterator):
-    def __init__(self, parent, live: Live):
+    def __init__(self, parent, live: Live, rows_key: str):
         super().__init__(parent)
-        self._live = live
-        self._stamp = (0, 0, 0)
+        self._live, self._rows_key = live, rows_key
+        self._stamp, self._rows = (0, 0, 0), 0
 
     def __next__(self):
         row = next(self._parent)
         self._stamp = self._live.counts
+        self._rows += 1
         return row
 
     def get_state(self):
-        return {**self._parent.get_state(), **dict(zip(_STAMP, self._stamp))}
+        return {**self._parent.get_state(), **dict(zip(_STAMP, self._stamp)), self._rows_key: self._rows}
 
     def set_state(self, state):
         state = dict(state)
         self._stamp = tuple(state.pop(k, 0) for k in _STAMP)
+        self._rows = state.pop(self._rows_key, 0)  # states from before row counts: 0
         self._parent.set_state(state)  # replays the documents' stage to the same live counts
+
+
+def _walk(state):
+    todo = [state]
+    while todo:
+        s = todo.pop()
+        if isinstance(s, dict):
+            yield s
+            todo.extend(s.values())
+        elif isinstance(s, (list, tuple)):
+            todo.extend(s)
+
+
+def rows_in(state) -> dict[int, int]:
+    """{source index: packed rows it gave the mix} summed over a Grain state's shards and
+    worker processes."""
+    rows: dict[int, int] = {}
+    for s in _walk(state):
+        for k, v in s.items():
+            if isinstance(k, str) and k.startswith(_ROWS):
+                i = int(k[len(_ROWS):])
+                rows[i] = rows.get(i, 0) + v
+    return rows
 
 
 def counts_in(state) -> tuple[int, int, int]:
     """(bad reads, reads, different bad rows) summed over the sources (and worker
     processes) of a Grain state."""
     total = [0, 0, 0]
-    todo = [state]
-    while todo:
-        s = todo.pop()
-        if isinstance(s, dict):
-            for j, k in enumerate(_STAMP):
-                total[j] += s.get(k, 0)
-            todo.extend(s.values())
-        elif isinstance(s, (list, tuple)):
-            todo.extend(s)
+    for s in _walk(state):
+        for j, k in enumerate(_STAMP):
+            total[j] += s.get(k, 0)
     return tuple(total)

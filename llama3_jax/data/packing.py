@@ -210,6 +210,11 @@ class DataIterator:
         from llama3_jax.data.bad_rows import counts_in
         return counts_in(self._it.get_state())
 
+    def rows_read(self) -> dict[int, int]:
+        """{source index: packed rows taken from it}, as of the batches returned so far."""
+        from llama3_jax.data.bad_rows import rows_in
+        return rows_in(self._it.get_state())
+
     def close(self) -> None:
         close = getattr(self._it, "close", None)
         if close is not None:
@@ -231,9 +236,10 @@ def _absl_flags_parsed() -> None:
 
 def _data_settings(data: DataConfig) -> dict:
     """What in the data config decides a shard's stream (seq_len and the shard count are
-    recorded on their own; the bad-row limit decides none, and raising it must resume)."""
+    recorded on their own; the bad-row limit decides none, and raising it must resume; the
+    annealing mix is a stream of its own)."""
     d = dataclasses.asdict(data)
-    for k in ("seq_len", "shards", "max_bad_row_fraction", "eval_sources"):
+    for k in ("seq_len", "shards", "max_bad_row_fraction", "eval_sources", "anneal_sources", "anneal_steps"):
         d.pop(k, None)
     if not d["eval_fraction"]:  # runs from before held-out fractions existed resume
         d.pop("eval_fraction")
@@ -316,7 +322,7 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
             it = grain.experimental.WindowShuffleIterDataset(
                 it, window_size=data.shuffle_rows,
                 seed=(data.seed + i * _SOURCE_SEED_STRIDE + 1) % 2**32)
-        packed.append(bad_rows.StampCounts(it, live))
+        packed.append(bad_rows.StampCounts(it, live, i))
 
     ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, list(weights))
     ds = ds.batch(rows, drop_remainder=False, batch_fn=_MakeBatch(rows, seq_len))
@@ -387,6 +393,19 @@ class ShardedBatches:
         by this process's shards."""
         counts = [it.bad_rows() for it in self.iterators]
         return tuple(sum(c[k] for c in counts) for k in range(3))
+
+    def rows_read(self, state: dict | None = None) -> dict[int, int]:
+        """{source index: packed rows taken from it} by this process's shards, or in a
+        `gather_state` of every process's."""
+        from llama3_jax.data.bad_rows import rows_in
+        if state is None:
+            parts = [it.rows_read() for it in self.iterators]
+        else:
+            parts = [rows_in(s.get("grain", {})) for s in state.values()]
+        return {i: sum(p.get(i, 0) for p in parts) for i in sorted({i for p in parts for i in p})}
+
+    def select(self, step: int) -> None:
+        """The mix for 0-based step `step` (one mix here; see `data.schedule`)."""
 
     def get_state(self) -> dict:
         """{shard id: state} for this process's shards (see `gather_state` for all)."""

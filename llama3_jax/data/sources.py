@@ -384,7 +384,10 @@ def check_data(data: DataConfig, global_batch: int, process_count: int = 1) -> N
     if data.eval_fraction and data.eval_sources:
         raise ConfigError("set data.eval_sources (held-out files) or data.eval_fraction (held out from each source), "
                           "not both")
-    for source in configured_sources(data) + tuple(data.eval_sources):
+    if data.anneal_steps < 0 or bool(data.anneal_steps) != bool(data.anneal_sources):
+        raise ConfigError("annealing needs both data.anneal_steps (the last steps, > 0) and [[data.anneal_sources]] "
+                          f"(their mix); got anneal_steps={data.anneal_steps} and {len(data.anneal_sources)} source(s)")
+    for source in configured_sources(data) + tuple(data.eval_sources) + tuple(data.anneal_sources):
         check_source(source)
 
 

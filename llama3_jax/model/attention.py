@@ -88,6 +88,7 @@ def causal_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
     return jnp.concatenate(outs, axis=1)
 
 
+CAUSAL_BLOCKS_MAX = 8192
 IMPLEMENTATIONS = {"xla": xla_attention, "xla_chunked": chunked_attention, "jax_nn": jax_nn_attention}
 
 
@@ -103,7 +104,10 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
         # blocks of at least 128 (smaller ones cost more in overhead than they save), whose
         # saved probabilities already take half of plain xla's [s, s].
         block = 1024 if impl == "xla_chunked" else max(128, s // 8)
-        if s > block and s % block == 0:
+        # XLA schedules the unrolled blocks together, so their scores add up to about [s, s] / 2:
+        # past CAUSAL_BLOCKS_MAX tokens xla_chunked takes its one-block-at-a-time loop instead,
+        # whose memory grows linearly with s (at twice the block work).
+        if s > block and s % block == 0 and (impl != "xla_chunked" or s <= CAUSAL_BLOCKS_MAX):
             return causal_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block,
                                  remat=impl == "xla_chunked")
     if impl == "jax_nn":

@@ -22,6 +22,8 @@ def fake_cpu_devices(count: int | None) -> None:
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     import jax
+    if jax.distributed.is_initialized():  # the next context stage of the same run
+        return
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])

@@ -72,7 +72,8 @@ def resume_notes(saved_train, tc, start: int, log) -> None:
             f"over {tc.steps} steps, so the learning rate at step {start} moves from {was:.3g} to {now:.3g}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, session_start: float | None = None) -> int:
+    """`session_start`: when this session (the next context stage, in the same process) began."""
     args = parse_args(argv)
     if args.max_restarts and not os.environ.get(supervise.CHILD_ENV):
         if args.max_restarts < 0 or args.compile_only:
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else []) + \
         ([f"train.stage={args.stage}"] if args.stage else [])
     cfg, mesh_cfg = load_config(args.config, overrides), load_mesh(args.mesh)
+    plan_cfg, plan_mesh = cfg, mesh_cfg  # the whole run; cfg and mesh_cfg become its current context stage
     if args.topology and not args.compile_only:
         raise ConfigError("--topology describes hardware to compile for: add --compile-only")
     # Fake CPU devices must be requested before JAX starts; real accelerators ignore this.
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
         distributed.fake_cpu_devices((mesh_cfg.fixed_device_count() or 1) // processes)
     if not args.compile_only:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from llama3_jax.train import context
 
     import logging
 
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from llama3_jax.data import ShardedBatches, check_bad_rows
-    from llama3_jax.data.report import describe_sources, format_report
+    from llama3_jax.data.schedule import describe_schedule, make_batches, mix_read
     from llama3_jax.formats import run as run_dir
     from llama3_jax.formats.weights import check_same_model, load_params, open_source
     from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
@@ -114,10 +117,14 @@ def main(argv=None) -> int:
     from llama3_jax.train.step import Trainer, param_shardings
     from llama3_jax.train.validation import Validation
 
-    if args.compile_only:
+    if args.compile_only:  # every context stage, one after the other
         from llama3_jax.train import plan
         devices = plan.topology_devices(args.topology) if args.topology else None
-        print("\n".join(plan.report(plan.plan(cfg, mesh_cfg, devices))))
+        context.check(cfg, mesh_cfg, len(devices or jax.devices()))
+        for k in range(len(cfg.train.context_stages) + 1):
+            if cfg.train.context_stages:
+                print(context.describe(plan_cfg, plan_mesh, k))
+            print("\n".join(plan.report(plan.plan(*context.apply(plan_cfg, plan_mesh, k), devices))))
         return 0
 
     is_main = jax.process_index() == 0
@@ -128,6 +135,13 @@ def main(argv=None) -> int:
 
     # --- validate everything before compiling or touching the run directory
     check_out_dir(out)
+    context.check(plan_cfg, plan_mesh, jax.device_count(), jax.process_count())
+    latest = context.latest_step(out)
+    stage = context.stage_of(plan_cfg, latest or 0)
+    cfg, mesh_cfg = context.apply(plan_cfg, plan_mesh, stage)
+    tc, end = cfg.train, context.stage_end(plan_cfg, stage)  # this session trains up to step `end`
+    if plan_cfg.train.context_stages:
+        log(context.describe(plan_cfg, plan_mesh, stage))
     post = tc.stage != "pretrain"
     if post:
         from llama3_jax.align import stages
@@ -158,9 +172,9 @@ def main(argv=None) -> int:
         batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
                                  make=make, **where)
     else:
-        batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len, **where)
-        run_tokens = tc.steps * tc.global_batch * cfg.data.seq_len
-        for line in format_report(describe_sources(batches.sources, tok, run_tokens=run_tokens)):
+        batches = make_batches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
+                               steps=tc.steps, **where)
+        for line in describe_schedule(batches, tok, cfg):
             log(line)
     validation = Validation(trainer, tok, **where) if tc.eval_every and not post else None
     benchmark = None
@@ -177,16 +191,22 @@ def main(argv=None) -> int:
     # --- state: resume from the latest checkpoint, else initialise (optionally from weights)
     mngr = run_dir.manager(out, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
     saved_cfg = run_dir.latest_config(mngr)
-    if saved_cfg is not None:  # before anything in the run directory is written
-        recovery.check_resume(saved_cfg, cfg, out, log)
-    goodput = Goodput(out, enabled=is_main)
+    if saved_cfg is not None:  # before anything in the run directory is written: as the saved stage trained
+        saved_stage = context.stage_of(plan_cfg, max(latest - 1, 0))
+        recovery.check_resume(saved_cfg, context.apply(plan_cfg, plan_mesh, saved_stage)[0], out, log)
+    goodput = Goodput(out, enabled=is_main, session_start=session_start)
     stream = recovery.BatchStream(batches, recovery.parse_ranges(tc.skip_batches))
     initial_data, fresh = stream.local_state(), None
     t = time.perf_counter()
     restored = run_dir.restore_latest(mngr, trainer.abstract_state(), log=log)
     if restored:
         start, state, data_state = restored
-        stream.restore(data_state)
+        if context.stage_of(plan_cfg, start) != stage:  # a newer checkpoint was unreadable: plan again
+            return NEXT_STAGE
+        if context.stage_of(plan_cfg, max(start - 1, 0)) == stage:
+            stream.restore(data_state)
+        else:  # the first step of a new context stage: its own stream, the batch count and skips go on
+            stream.restore(data_state, iterator=False)
     restore_s = time.perf_counter() - t  # the state and the data position
     goodput.event("restore", restore_s)
     if restored:
@@ -229,8 +249,11 @@ def main(argv=None) -> int:
     bad = []  # (step, batch index) of the current run of consecutive bad steps
     host = {"data": 0.0, "save": 0.0}  # host seconds since the last result, by what they waited on
 
-    def draw():
+    def draw(at):
+        """The batch of 0-based step `at`."""
         t = time.perf_counter()
+        if hasattr(batches, "select"):  # the data schedule (annealing); PPO's rollouts have none
+            batches.select(at)
         index, batch = next(stream)
         batch = extend(trainer.put(faults.batch(index, batch)))
         host["data"] += time.perf_counter() - t
@@ -243,7 +266,8 @@ def main(argv=None) -> int:
         tps = tokens_per_step / dt
         tflops = flops_tok * tps / jax.device_count() / 1e12
         row = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-               "tokens": step * tokens_per_step, "step_time_s": dt, "tokens_per_s": tps, "tflops_per_device": tflops,
+               "tokens": context.tokens_at(plan_cfg, step), "step_time_s": dt, "tokens_per_s": tps,
+               "tflops_per_device": tflops,
                "mfu": tflops * 1e12 / peak if peak else None, "batch": index, "skipped": reason is not None,
                "bad_rows": bad_rows[2]}
         row.update({k: float(v) for k, v in m.items() if k not in row and k not in ("skipped", "tokens")})
@@ -270,7 +294,7 @@ def main(argv=None) -> int:
         """Held-out loss and benchmarks when due (every process takes part; process 0 writes);
         the seconds they took once the step's parameters were ready."""
         due = [v for v, every in ((validation, tc.eval_every), (benchmark, tc.benchmark_every))
-               if v is not None and (step % every == 0 or step == tc.steps)]
+               if v is not None and (step % every == 0 or step == end)]
         if not due:
             return 0.0
         jax.block_until_ready(params)  # the step's own time stays the step's
@@ -320,14 +344,14 @@ def main(argv=None) -> int:
     # time between two steps' results (the session's first includes compiling). A bad
     # step applies no update on the device; the host learns of it one step later.
     step, pending, first, local_data = start, None, True, None
-    cur = draw() if step < tc.steps else None
+    cur = draw(step) if step < end else None
     ready = time.perf_counter()
     stop.agree(start)  # JAX's step count starts at 0: a SIGTERM before the first step must agree past `start`
     watchdog.arm(tc.compile_timeout_s, f"step {step + 1} (compiling)")
     try:
         while True:
             dispatched = None
-            if step < tc.steps and not stop:
+            if step < end and not stop:
                 index, batch = cur
                 state, metrics = trainer(state, batch)
                 step += 1
@@ -335,7 +359,7 @@ def main(argv=None) -> int:
                 stop.agree(step)
                 faults.after_dispatch(step)
                 local_data = stream.local_state()
-                cur = draw() if step < tc.steps else None
+                cur = draw(step) if step < end else None
             if pending is not None:
                 jax.block_until_ready(pending[1])
                 now = time.perf_counter()
@@ -350,7 +374,7 @@ def main(argv=None) -> int:
                     watchdog.arm(tc.compile_timeout_s, "rollback")
                     step, state = rollback()
                     goodput.event("restore", time.perf_counter() - t)
-                    pending, local_data, cur = None, None, (draw() if step < tc.steps else None)
+                    pending, local_data, cur = None, None, (draw(step) if step < end else None)
                     ready = time.perf_counter()
                     continue
                 data_error = check_bad_rows(*bad_rows, cfg.data)
@@ -381,8 +405,15 @@ def main(argv=None) -> int:
     mngr.wait_until_finished()
     watchdog.disarm()
     goodput.event("save", time.perf_counter() - t)
+    if local_data is not None and not post:  # the mix as read (a collective: every process takes part)
+        mix = mix_read(batches, batches.gather_state(local_data["iterator"]))
+        writer.write({"step": step, "event": "data_mix", "sources": mix})
+        log("data mix read: " + ", ".join(f"{r['name']} {r['share']:.1%}" for r in mix))
     writer.close()
     summary = goodput.finish()
+    if end < tc.steps and step == end and not stop:
+        log(f"context stage {stage + 1} done at step {step}; the next one starts from its checkpoint")
+        return NEXT_STAGE
     if stop:
         line = stop.exit_line(f"step {step} in {run_dir.checkpoint_dir(out)}")
         if stop.message:
@@ -425,10 +456,16 @@ def main(argv=None) -> int:
     return 0
 
 
+NEXT_STAGE = -1  # main's answer when a context stage is done and the next one starts
+
+
 def cli(argv=None) -> int:
     """Entry point of `llama3-train` and train.py: bad input is one `error:` line, exit 2."""
     try:
-        return main(argv)
+        code = main(argv)
+        while code == NEXT_STAGE:
+            code = main(argv, session_start=time.time())
+        return code
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ def check(t: TrainConfig) -> None:
 RESUMABLE = {f"train.{k}" for k in (
     "steps", "checkpoint_every", "keep_checkpoints", "sample_tokens", "sample_prompt", "compile_cache",
     "peak_flops_per_device", "step_timeout_s", "compile_timeout_s", "spike_k", "spike_window", "spike_warmup",
-    "rollback_after", "max_rollbacks", "skip_batches", "init_from", "micro_batches")} | {
+    "rollback_after", "max_rollbacks", "skip_batches", "init_from", "micro_batches", "context_stages")} | {
     "model.remat", "model.attention_impl", "model.loss_chunk", "data.shards", "data.max_bad_row_fraction"}
 
 
@@ -174,12 +174,15 @@ class BatchStream:
         """`local` with every process's iterator (a collective: all processes call it)."""
         return dict(local, iterator=self.batches.gather_state(local["iterator"]))
 
-    def restore(self, saved: dict) -> None:
-        """Continue from a checkpoint's position, keeping the skips and rollbacks known now."""
+    def restore(self, saved: dict, iterator: bool = True) -> None:
+        """Continue from a checkpoint's position, keeping the skips and rollbacks known now;
+        without `iterator`, the batches are a new stream (a context stage's) that goes on
+        from the checkpoint's batch count."""
         if "iterator" not in saved:  # a checkpoint from before data rollback: the iterator only
             self.batches.set_state(saved)
             return
-        self.batches.set_state(saved["iterator"])
+        if iterator:
+            self.batches.set_state(saved["iterator"])
         self.index = saved["next_batch"]
         self.skips = merge(self.skips, parse_ranges(saved.get("skip_batches", "")))
         self.rollbacks = max(self.rollbacks, saved.get("rollbacks", 0))
