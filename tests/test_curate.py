@@ -462,7 +462,6 @@ def test_train_py_reads_the_generated_mix_in_its_proportions(curated, tmp_path):
     the rows read from each category (rows are full, so these are token shares) are within
     2% of the target."""
     from llama3_jax.train.loop import cli as train
-    from llama3_jax.train.metrics import read_metrics
     target = {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}
     mix = tmp_path / "mix.toml"
     assert cli.main(["mix", str(curated["out"]), "--target", ",".join(f"{k}={v * 100:g}" for k, v in target.items()),
@@ -473,7 +472,7 @@ def test_train_py_reads_the_generated_mix_in_its_proportions(curated, tmp_path):
     (tmp_path / "mesh.toml").write_text("[mesh]\nfsdp = -1\n")
     assert train(["--config", str(config), "--mesh", str(tmp_path / "mesh.toml"), "--out", str(tmp_path / "run"),
                   "model.n_layers=1"]) == 0
-    [event] = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "data_mix"]
+    event = json.loads((tmp_path / "run" / "data_mix.json").read_text())
     rows = {pathlib.Path(r["name"]).name: r["rows"] for r in event["sources"]}
     assert sum(rows.values()) == 200 * 8
     for category, share in target.items():

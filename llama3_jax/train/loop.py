@@ -9,6 +9,7 @@ Running the same command again with the same --out resumes from the latest check
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -193,7 +194,8 @@ def main(argv=None, session_start: float | None = None) -> int:
     saved_cfg = run_dir.latest_config(mngr)
     if saved_cfg is not None:  # before anything in the run directory is written: as the saved stage trained
         saved_stage = context.stage_of(plan_cfg, max(latest - 1, 0))
-        recovery.check_resume(saved_cfg, context.apply(plan_cfg, plan_mesh, saved_stage)[0], out, log)
+        expected = cfg if saved_stage == stage else context.apply(plan_cfg, plan_mesh, saved_stage)[0]
+        recovery.check_resume(saved_cfg, expected, out, log)
     goodput = Goodput(out, enabled=is_main, session_start=session_start)
     stream = recovery.BatchStream(batches, recovery.parse_ranges(tc.skip_batches))
     initial_data, fresh = stream.local_state(), None
@@ -407,7 +409,8 @@ def main(argv=None, session_start: float | None = None) -> int:
     goodput.event("save", time.perf_counter() - t)
     if local_data is not None and not post:  # the mix as read (a collective: every process takes part)
         mix = mix_read(batches, batches.gather_state(local_data["iterator"]))
-        writer.write({"step": step, "event": "data_mix", "sources": mix})
+        if is_main:
+            (out / "data_mix.json").write_text(json.dumps({"step": step, "sources": mix}, indent=1) + "\n")
         log("data mix read: " + ", ".join(f"{r['name']} {r['share']:.1%}" for r in mix))
     writer.close()
     summary = goodput.finish()
