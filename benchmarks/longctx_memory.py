@@ -3,9 +3,10 @@ context-parallel meshes: the real train step compiled ahead of time on abstract 
 fake CPU devices and for a TPU v5p topology (libtpu; no TPU needed).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python benchmarks/longctx_memory.py [--targets cpu,tpu] [--lengths 32768,65536,131072]
+        python benchmarks/longctx_memory.py [--targets cpu,tpu,tpu16] [--lengths 32768,65536,131072]
 
-Every device in one context- and tensor-parallel group (cp x tp 2), one sequence per host (the
+On 8 devices every device is in one context- and tensor-parallel group (cp 4 x tp 2); on 16
+TPU chips (`tpu16`) two such groups hold the state in FSDP. One sequence per host (the
 planner's batch must split over the topology's hosts), the preset's model
 settings (xla_chunked attention, loss_chunk 4096, full remat), and for comparison the same
 step without the chunked loss. Each row is `train.py --config llama3.1-8b-longctx
@@ -23,8 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from llama3_jax.config import MeshConfig, load_config  # noqa: E402
 
-# target -> (topology or None for this machine's devices, devices, tp)
-TARGETS = {"cpu": (None, 8, 2), "tpu": ("v5p:2x2x2", 8, 2)}
+# target -> (topology or None for this machine's devices, devices, fsdp, tp); cp takes the rest
+TARGETS = {"cpu": (None, 8, 1, 2), "tpu": ("v5p:2x2x2", 8, 1, 2), "tpu16": ("v5p:2x2x4", 16, 2, 2)}
 
 
 def main(argv=None):
@@ -40,19 +41,19 @@ def main(argv=None):
     print("| target | seq_len | mesh | rows | loss | args GiB | temps GiB | total GiB | capacity GiB | fits | compile s |")
     print("|" + "---|" * 11)
     for target in args.targets.split(","):
-        topology, n, tp = TARGETS[target]
+        topology, n, fsdp, tp = TARGETS[target]
         devices = plan.topology_devices(topology) if topology else jax.devices()[:n]
         if len(devices) < n:
             raise SystemExit(f"{target}: needs {n} devices, found {len(devices)}; set XLA_FLAGS="
                              f"--xla_force_host_platform_device_count={n}")
         for seq in map(int, args.lengths.split(",")):
-            cp = n // tp  # every device in context parallelism: a row spans the whole mesh
-            rows = len({d.process_index for d in devices})
+            cp = n // (fsdp * tp)  # a row spans a whole cp x tp group
+            rows = max(len({d.process_index for d in devices}), fsdp)
             for chunk in ([4096] if args.no_baseline else [4096, 0]):
                 cfg = load_config("llama3.1-8b-longctx", [f"data.seq_len={seq}", f"train.global_batch={rows}",
                                                           f"model.loss_chunk={chunk}"])
-                r = plan.plan(cfg, MeshConfig(cp=cp, tp=tp), devices)
-                mesh = f"cp={cp} tp={tp}"
+                r = plan.plan(cfg, MeshConfig(fsdp=fsdp, cp=cp, tp=tp), devices)
+                mesh = (f"fsdp={fsdp} " if fsdp > 1 else "") + f"cp={cp} tp={tp}"
                 loss = f"chunk {chunk}" if chunk else "whole"
                 if r.get("refused"):
                     print(f"| {target} ({r['kind']}) | {seq} | {mesh} | {rows} | {loss} | | | | | NO: "

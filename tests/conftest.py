@@ -23,8 +23,8 @@ SHARED = REPO.parent / "shared"
 # Test files run whole on one worker (--dist loadfile), handed out in collection order: the
 # longest go first, so that no long file starts last while the other worker sits idle.
 LONGEST_FIRST = ["test_align", "test_parallel", "test_longctx", "test_pipeline", "test_train", "test_benchmarks",
-                 "test_multihost", "test_curate", "test_eval", "test_recovery", "test_model", "test_infer",
-                 "test_schedule", "test_convert", "test_install"]
+                 "test_multihost", "test_curate", "test_eval", "test_recovery", "test_needle", "test_model",
+                 "test_infer", "test_schedule", "test_convert", "test_install"]
 
 
 def pytest_collection_modifyitems(items):

@@ -292,8 +292,9 @@ def test_the_report_adds_up_to_counts_made_here(curated):
     report, docs, outputs = curated["report"], curated["docs"], curated["outputs"]
     tok = default_tokenizer(2048)
     stages = report["stages"]
-    assert [s["stage"] for s in stages] == ["read", "exact_dedup", "minhash_dedup", "domain", "language", "line_dedup",
-                                            "length", "repetition", "symbols", "dirty_words", "quality", "output"]
+    assert [s["stage"] for s in stages] == ["read", "url_dedup", "exact_dedup", "minhash_dedup", "domain", "language",
+                                            "line_dedup", "length", "repetition", "symbols", "dirty_words", "kl",
+                                            "quality", "output"]
     for s in stages:
         assert s["docs_in"] == s["docs_out"] + s["docs_removed"] == s["docs_out"] + sum(s["removed_by"].values())
         assert s["tokens_in"] == s["tokens_out"] + s["tokens_removed"] and s["seconds"] >= 0
@@ -405,7 +406,7 @@ def test_slurm_and_ray_executors_are_built_from_the_config(curated, tmp_path):
     chain = executors(slurm, build_jobs(slurm, str(curated["root"] / "in"), "inputs.txt", "tok.model"))
     assert len(chain) == len(jobs) and all(isinstance(e, SlurmPipelineExecutor) for e in chain)
     assert [e.depends for e in chain[1:]] == chain[:-1]
-    assert {e.tasks for e in chain} == {64, 1, 14} and chain[0].job_name == "curate-exact-signature"
+    assert {e.tasks for e in chain} == {64, 1, 14} and chain[2].job_name == "curate-exact-signature"
     script = chain[-1].get_launch_file_contents(chain[-1].get_sbatch_args(), "launch_pickled_pipeline x")
     assert "#SBATCH --partition=cpu" in script and "#SBATCH --account=me" in script
     assert dill.loads(dill.dumps(chain[-1])).depends.job_name == "curate-final"  # what each Slurm job loads

@@ -98,9 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (dp, fsdp, tp)")
     args = p.parse_args(argv)
     try:
-        from llama3_jax.config import load_mesh
         from llama3_jax.infer.generate import Sampling, load_for_inference
-        from llama3_jax.parallel.sharding import make_mesh
         if args.k < 1:
             raise ConfigError(f"--k {args.k}: sample at least one answer per prompt")
         if not args.prompts.is_file():
@@ -108,11 +106,7 @@ def main(argv=None) -> int:
         sampling = Sampling(args.max_new_tokens, args.temperature, 0, args.top_p, args.seed)
         sampling.check()
         rows = read_prompt_rows(args.prompts)
-        mesh = None
-        if args.mesh:
-            m = load_mesh(args.mesh)
-            mesh = make_mesh(dp=m.dp, fsdp=m.fsdp, pp=m.pp, cp=m.cp, tp=m.tp)
-        params, cfg, tok, mesh = load_for_inference(args.policy, dtype=args.dtype, mesh=mesh)
+        params, cfg, tok, mesh = load_for_inference(args.policy, dtype=args.dtype, mesh=args.mesh)
         if tok is None:
             raise ConfigError(f"{args.policy} comes with no tokenizer")
         score = reward_function(args.reward, mesh, tok)

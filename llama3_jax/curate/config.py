@@ -71,6 +71,14 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class UrlDedupConfig:  # datatrove's exact dedup on the URL; documents without one pass
+    enabled: bool = True
+    key: str = "url"  # the metadata key of the URL
+    date_key: str = "date"  # keep the copy with the latest ISO 8601 date here; "" = the first
+    # (dates count by the day; a tie, or no date on any copy: the first datatrove meets)
+
+
+@dataclass(frozen=True)
 class ExactDedupConfig:
     enabled: bool = True
 
@@ -156,6 +164,15 @@ class DirtyWordsConfig:
 
 
 @dataclass(frozen=True)
+class KLConfig:  # KL(document || corpus) of unit distributions, per category (curate/kl.py)
+    enabled: bool = True
+    unit: str = "words"  # words (lower-cased, cut into pieces of 16 characters) | tokens (the tokenizer's)
+    threshold: float = 4.5  # nats: documents above are removed; 0 = only score (metadata "kl")
+    smoothing: float = 1.0  # alpha of q = (count + alpha) / (total + alpha * (distinct + 1))
+    domains: tuple[str, ...] = ("general", "math")  # not code or multilingual: other token worlds
+
+
+@dataclass(frozen=True)
 class QualityConfig:
     enabled: bool = False  # needs a model: python -m llama3_jax.curate train-quality ...
     model: str = ""
@@ -169,6 +186,7 @@ class CurateConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     minhash: MinhashConfig = field(default_factory=MinhashConfig)
     domain: DomainConfig = field(default_factory=DomainConfig)
@@ -178,6 +196,7 @@ class CurateConfig:
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     symbols: SymbolsConfig = field(default_factory=SymbolsConfig)
     dirty_words: DirtyWordsConfig = field(default_factory=DirtyWordsConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 
@@ -272,7 +291,13 @@ def check(cfg: CurateConfig) -> None:
     ld = cfg.line_dedup
     if ld.max_repeats < 1 or ld.bucket_docs < 1 or ld.merge_tasks < 1:
         raise ConfigError("line_dedup: max_repeats, bucket_docs and merge_tasks must be >= 1")
-    for name in ("line_dedup", "language", "repetition", "length", "symbols", "dirty_words", "quality"):
+    if cfg.url_dedup.enabled and not cfg.url_dedup.key:
+        raise ConfigError("url_dedup.key is empty; name the metadata key that holds the URL (e.g. url)")
+    _one_of(cfg.kl.unit, ("words", "tokens"), "kl.unit")
+    if cfg.kl.threshold < 0 or cfg.kl.smoothing <= 0:
+        raise ConfigError(f"kl: threshold must be >= 0 (0 = only score) and smoothing > 0 "
+                          f"(got {cfg.kl.threshold}, {cfg.kl.smoothing})")
+    for name in ("line_dedup", "language", "repetition", "length", "symbols", "dirty_words", "kl", "quality"):
         for d in getattr(cfg, name).domains:
             _one_of(d, DOMAINS, f"{name}.domains entry")
     if not 0 <= cfg.quality.threshold < 1:

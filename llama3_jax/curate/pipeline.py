@@ -1,15 +1,19 @@
 """The curation pipeline as datatrove jobs, and the executors that run them.
 
 A dedup step that removes documents must see exactly the stream its signatures were computed
-on, so the documents are written to OUT/.curate/work before MinHash and before the line
-filter, and read back by both the signature job and the filtering pass:
+on, so the documents are written to OUT/.curate/work before MinHash and before the line and
+KL filters, and read back by both the signature job and the filtering pass:
 
-    read, [exact dedup], write p1                      (tasks)   after exact signatures + find
+    read, [URL dedup], [exact dedup], write p1         (tasks)   after URL and exact signatures + find
     read p1, [MinHash filter], domain, language,
-        [line count], write p2                         (tasks)   after MinHash signatures, buckets, cluster
+        [line count], [KL count], write p2             (tasks)   after MinHash signatures, buckets, cluster
     read p2, [line filter], length, repetition,
-        symbols, dirty words, quality, write OUT       (tasks)   after the line-count merge
+        symbols, dirty words, [KL filter], quality,
+        write OUT                                      (tasks)   after the line-count and KL merges
     report                                             (1 task)
+
+The exact signatures are computed on the input after the URL filter (the filter runs again
+in that job: it only looks up the URL dedup's removals), so both see one stream.
 
 Each job is one datatrove executor; they run in order through `depends`, on the local,
 Slurm or Ray executor alike.
@@ -28,10 +32,13 @@ from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from llama3_jax.curate.config import CurateConfig, bands_rows, tasks_of
+from llama3_jax.curate.kl import KLCount, KLFilter, KLMerge, Units
 from llama3_jax.curate.lines import LineCount, LineFilter, LineMerge
 from llama3_jax.curate.report import WriteReport
 from llama3_jax.curate.steps import (CountTokens, DirtyWords, Domain, Finish, GopherQuality, InDomains, Language,
                                      Part, Quality, RegexWords, TaskFileWriter, TokenCounter)
+from llama3_jax.curate.urls import KEY as URL_DUPLICATES
+from llama3_jax.curate.urls import UrlFilter, UrlSignature, url_config
 
 DEFAULT_WORDS = pathlib.Path(__file__).with_name("dirty_words.txt")
 
@@ -76,11 +83,21 @@ def build_jobs(cfg: CurateConfig, input_root: str, inputs_file: str, tokenizer: 
 
     jobs: list[tuple[str, list, int]] = []
     current = [stream("read", read_input(), CountTokens(counter), source=True)]
+    url_filtered = []  # what the exact signatures see: the input after the URL filter
+    if cfg.url_dedup.enabled:
+        uc = url_config(cfg.url_dedup.key, cfg.url_dedup.date_key)
+        sigs, dups = str(work / "url" / "sigs"), str(work / "url" / "dups")
+        jobs.append(("url-signature", [Part("url_dedup", "signature", [read_input(), UrlSignature(sigs, uc)],
+                                            parts)], n))
+        jobs.append(("url-find", [Part("url_dedup", "find", [ExactFindDedups(sigs, dups, uc)], parts)], 1))
+        current.append(stream("url_dedup", UrlFilter(dups, uc, exclusion_writer=removed("url_dedup")),
+                              cluster_key=URL_DUPLICATES))
+        url_filtered = [UrlFilter(dups, uc)]
     if cfg.exact_dedup.enabled:
         ec = ExactDedupConfig(content_getter=document_text)
         sigs, dups = str(work / "exact" / "sigs"), str(work / "exact" / "dups")
-        jobs.append(("exact-signature", [Part("exact_dedup", "signature", [read_input(), ExactDedupSignature(sigs, ec)],
-                                              parts)], n))
+        jobs.append(("exact-signature", [Part("exact_dedup", "signature",
+                                              [read_input(), *url_filtered, ExactDedupSignature(sigs, ec)], parts)], n))
         jobs.append(("exact-find", [Part("exact_dedup", "find", [ExactFindDedups(sigs, dups, ec)], parts)], 1))
         current.append(stream("exact_dedup", ExactDedupFilter(dups, ec, exclusion_writer=removed("exact_dedup")),
                               cluster_key="duplicate_count"))
@@ -104,27 +121,38 @@ def build_jobs(cfg: CurateConfig, input_root: str, inputs_file: str, tokenizer: 
     if lang.enabled:
         current.append(stream("language", Language(lang.keep, lang.min_score, lang.max_chars, lang.domains,
                                                    exclusion_writer=removed("language")), label="language"))
-    if cfg.line_dedup.enabled:
-        ld, lines = cfg.line_dedup, str(work / "lines")
+    ld, lines, kl, klf = cfg.line_dedup, str(work / "lines"), cfg.kl, str(work / "kl")
+    units = Units(kl.unit, counter)
+    if ld.enabled:
         current.append(Part("line_dedup", "count", [LineCount(lines, ld.merge_tasks, ld.domains)], parts))
+    if kl.enabled:
+        current.append(Part("kl", "count", [KLCount(klf, units, kl.domains)], parts))
+    if ld.enabled or kl.enabled:
         write_pass("p2")
+    if ld.enabled:
         jobs.append(("line-merge", [Part("line_dedup", "merge", [LineMerge(lines, ld.bucket_docs, ld.max_repeats)],
                                          parts)], ld.merge_tasks))
         current.append(stream("line_dedup", LineFilter(lines, ld.bucket_docs, counter,
                                                        exclusion_writer=removed("line_dedup"))))
-    for name, inner in filters(cfg, words):
-        current.append(stream(name, InDomains(inner, getattr(cfg, name).domains, exclusion_writer=removed(name))))
+    if kl.enabled:
+        jobs.append(("kl-merge", [Part("kl", "merge", [KLMerge(klf)], parts)], 1))
+    kl_filter = KLFilter(klf, units, kl.threshold, kl.smoothing, kl.domains, exclusion_writer=removed("kl"))
+    for name, inner in filters(cfg, words, kl_filter):
+        step = inner if name == "kl" else InDomains(inner, getattr(cfg, name).domains, exclusion_writer=removed(name))
+        current.append(stream(name, step))
     writer = JsonlWriter(str(out), output_filename="${domain}/${rank}.jsonl", compression=None,
                          max_file_size=cfg.output.max_file_bytes or -1)
     current.append(stream("output", Finish(), writer, label="domain"))
     jobs.append(("final", current, n))
-    jobs.append(("report", [WriteReport(str(out), parts, stage_names(cfg), cfg, tokenizer, n)], 1))
+    jobs.append(("report", [WriteReport(str(out), parts, stage_names(cfg), cfg, tokenizer, n, klf)], 1))
     return jobs
 
 
-def filters(cfg: CurateConfig, words: RegexWords) -> list[tuple[str, object]]:
+def filters(cfg: CurateConfig, words: RegexWords, kl_filter=None) -> list[tuple[str, object]]:
     """The document filters of the last pass, in order, as (stage, datatrove filter). Length
-    goes first: on a text of a few words, datatrove's top-n-gram rule fires on n-grams seen once."""
+    goes first: on a text of a few words, datatrove's top-n-gram rule fires on n-grams seen once.
+    The KL filter (`kl_filter`, which applies its own `domains`) goes after the dirty words, as
+    in the paper."""
     out = []
     rep, length, sym, dirty, q = cfg.repetition, cfg.length, cfg.symbols, cfg.dirty_words, cfg.quality
     off = dict(min_doc_words=None, max_doc_words=None, min_avg_word_length=None, max_avg_word_length=None,
@@ -148,6 +176,8 @@ def filters(cfg: CurateConfig, words: RegexWords) -> list[tuple[str, object]]:
             stop_words=list(sym.stop_words), language=words)))
     if dirty.enabled:
         out.append(("dirty_words", DirtyWords(read_words(dirty.words_file), dirty.max_fraction)))
+    if cfg.kl.enabled and kl_filter is not None:
+        out.append(("kl", kl_filter))
     if q.enabled:
         out.append(("quality", Quality(str(pathlib.Path(q.model).expanduser().resolve()), q.threshold)))
     return out
@@ -155,8 +185,8 @@ def filters(cfg: CurateConfig, words: RegexWords) -> list[tuple[str, object]]:
 
 def stage_names(cfg: CurateConfig) -> list[str]:
     """The enabled stages in the order documents go through them."""
-    optional = ["exact_dedup", "minhash_dedup", "domain", "language", "line_dedup", "length", "repetition",
-                "symbols", "dirty_words", "quality"]
+    optional = ["url_dedup", "exact_dedup", "minhash_dedup", "domain", "language", "line_dedup", "length",
+                "repetition", "symbols", "dirty_words", "kl", "quality"]
     on = {"minhash_dedup": cfg.minhash.enabled, "exact_dedup": cfg.exact_dedup.enabled}
     return ["read"] + [s for s in optional if on.get(s, getattr(cfg, s, None) and getattr(cfg, s).enabled)] + ["output"]
 

@@ -9,6 +9,7 @@ import pathlib
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 
+from llama3_jax.curate import kl
 from llama3_jax.curate.config import lsh_summary, to_dict
 
 COUNTS = ("docs_in", "docs_out", "tokens_in", "tokens_out", "bytes_in", "bytes_out", "clustered")
@@ -55,8 +56,12 @@ def stage_record(name: str, jobs: dict) -> dict:
     rec["removed_by"] = reasons
     if s["labels"]:
         rec["labels"] = dict(sorted(s["labels"].items()))
-    if name == "exact_dedup":
+    if name in ("url_dedup", "exact_dedup"):
         rec["clusters"] = {"clusters": s["clustered"], "documents": s["clustered"] + sum(reasons.values())}
+    if name == "url_dedup":
+        sig = jobs.get("signature", {}).get("stats", {})
+        rec["without_url"] = int(sig.get("no_url", {}).get("total", 0))
+        rec["undated"] = int(sig.get("undated", {}).get("total", 0))
     if name == "minhash_dedup" and "cluster" in jobs:
         c = jobs["cluster"]["stats"].get("cluster_size", {"total": 0, "n": 0})
         rec["clusters"] = {"clusters": int(c["n"]), "documents": int(c["total"])}
@@ -67,9 +72,12 @@ def stage_record(name: str, jobs: dict) -> dict:
     return rec
 
 
-def build_report(out, parts_folder, stages: list[str], cfg, tokenizer: str, tasks: int) -> dict:
+def build_report(out, parts_folder, stages: list[str], cfg, tokenizer: str, tasks: int, kl_folder: str = "") -> dict:
     parts = merge_parts(parts_folder)
     records = [stage_record(s, parts[s]) for s in stages]
+    for r in records:
+        if r["stage"] == "kl":
+            r["kl"] = kl.summary(kl_folder, cfg.kl)
     out = pathlib.Path(out)
     output = {}
     for label, v in records[-1].get("labels", {}).items():
@@ -87,8 +95,8 @@ def build_report(out, parts_folder, stages: list[str], cfg, tokenizer: str, task
                                         + sum(j["cpu_seconds"] for j in io.values()), 4),
                    "io_seconds": round(sum(j["seconds"] for j in io.values()), 4),
                    "io_cpu_seconds": round(sum(j["cpu_seconds"] for j in io.values()), 4)},
-        "disabled": [s for s in ("exact_dedup", "minhash_dedup", "domain", "language", "line_dedup", "length",
-                                 "repetition", "symbols", "dirty_words", "quality") if s not in stages],
+        "disabled": [s for s in ("url_dedup", "exact_dedup", "minhash_dedup", "domain", "language", "line_dedup",
+                                 "length", "repetition", "symbols", "dirty_words", "kl", "quality") if s not in stages],
         "minhash": lsh_summary(cfg.minhash) if "minhash_dedup" in stages else None,
         "tokenizer": tokenizer,
         "executor": {"kind": cfg.executor.kind, "tasks": tasks},
@@ -102,13 +110,13 @@ class WriteReport(PipelineStep):
     type = "📋 - REPORT"
     name = "report"
 
-    def __init__(self, out: str, parts: str, stages: list[str], cfg, tokenizer: str, tasks: int):
+    def __init__(self, out: str, parts: str, stages: list[str], cfg, tokenizer: str, tasks: int, kl_folder: str = ""):
         super().__init__()
         self.out, self.parts, self.stages, self.cfg = out, parts, stages, cfg
-        self.tokenizer, self.tasks = tokenizer, tasks
+        self.tokenizer, self.tasks, self.kl_folder = tokenizer, tasks, kl_folder
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        report = build_report(self.out, self.parts, self.stages, self.cfg, self.tokenizer, self.tasks)
+        report = build_report(self.out, self.parts, self.stages, self.cfg, self.tokenizer, self.tasks, self.kl_folder)
         with get_datafolder(self.out).open("report.json", "w") as f:
             json.dump(report, f, indent=2)
         return

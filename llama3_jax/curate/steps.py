@@ -54,10 +54,13 @@ class TokenCounter:
         return {"path": self.path, "tok": None}
 
     def __call__(self, text: str) -> int:
+        return len(self.ids(text))
+
+    def ids(self, text: str) -> list[int]:
         if self.tok is None:
             from llama3_jax.formats.tokenizer import Tokenizer
             self.tok = Tokenizer(self.path)
-        return len(self.tok.encode(text))
+        return self.tok.encode(text)
 
 
 class CountTokens(PipelineStep):

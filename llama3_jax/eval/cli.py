@@ -16,12 +16,13 @@ import pathlib
 import sys
 
 from llama3_jax.config import ConfigError
+from llama3_jax.infer.cli import add_source_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama3_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a train.py run directory, a converted checkpoint, or a Hugging Face/Meta directory")
+    add_source_args(p, dtype="float32")
     p.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
     p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAMLs (local tasks)")
     p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
@@ -32,10 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for stderrs (0 = off)")
     p.add_argument("--log-samples", action="store_true", help="keep every request's inputs and scores in the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: the latest)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
-    p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (dp, fsdp, tp)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
     p.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: under the run)")
     return p
 
@@ -62,14 +59,8 @@ def main(argv=None) -> int:
         require_lm_eval()
         from llama3_jax.eval.harness import JaxLM, run_tasks, save_results, task_manager
         manager = task_manager(tasks, args.include_path)  # an unknown task fails before any weights load
-        from llama3_jax.config import load_mesh
         from llama3_jax.infer.generate import load_for_inference
-        from llama3_jax.parallel.sharding import make_mesh
-        mesh = None
-        if args.mesh:
-            m = load_mesh(args.mesh)
-            mesh = make_mesh(dp=m.dp, fsdp=m.fsdp, pp=m.pp, cp=m.cp, tp=m.tp)
-        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=mesh,
+        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=args.mesh,
                                                     tokenizer=args.tokenizer)
         if tok is None:
             raise ConfigError(f"{args.src} comes with no tokenizer; pass --tokenizer PATH/tokenizer.model")

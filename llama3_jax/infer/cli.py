@@ -24,8 +24,7 @@ from llama3_jax.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llama3_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a train.py run directory, a converted checkpoint, or a Hugging Face/Meta directory")
-    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: the latest)")
+    add_source_args(p, dtype="bfloat16")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     what.add_argument("--prompts-file", type=pathlib.Path, help="JSONL of prompts; completions go to --out")
@@ -38,12 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --prompts-file")
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (weights and compute)")
     p.add_argument("--quantize", default=None, help="int8: weight-only int8, per output channel")
     p.add_argument("--quantize-embeddings", action="store_true", help="with --quantize: the embedding/head too")
+    return p
+
+
+def add_source_args(p: argparse.ArgumentParser, dtype: str) -> None:
+    """SRC, --step, --dtype, --mesh and --tokenizer: what `load_for_inference` takes."""
+    p.add_argument("src", help="a train.py run directory, a converted checkpoint, or a Hugging Face/Meta directory")
+    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: the latest)")
+    p.add_argument("--dtype", default=dtype, help=f"float32 | bfloat16 | float16 (default {dtype})")
     p.add_argument("--mesh", default=None, help="mesh name in meshes/ or a .toml path (dp, fsdp, tp)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
-    return p
 
 
 class Stream:
@@ -92,24 +97,18 @@ def encode(tok, prompt, system=None) -> list[int]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from llama3_jax.config import load_mesh
     import jax
 
     from llama3_jax.infer.generate import (Sampling, allowed_ids, cache_length, completion, generate,
                                            load_for_inference)
     from llama3_jax.infer.quant import param_bytes, prepare_params
-    from llama3_jax.parallel.sharding import make_mesh
 
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         sampling.check()
         if args.quantize not in (None, "int8"):
             raise ConfigError(f"--quantize {args.quantize!r} unknown; the one quantization is int8")
-        mesh = None
-        if args.mesh:
-            m = load_mesh(args.mesh)
-            mesh = make_mesh(dp=m.dp, fsdp=m.fsdp, pp=m.pp, cp=m.cp, tp=m.tp)
-        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=mesh,
+        params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=args.mesh,
                                                     tokenizer=args.tokenizer)
         if tok is None:
             raise ConfigError(f"{args.src} comes with no tokenizer; pass --tokenizer PATH/tokenizer.model")

@@ -135,33 +135,49 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     return Generation(out, logps, finish)
 
 
+def source_tokenizer(source, src, step: int | None = None, tokenizer=None):
+    """`tokenizer` (a tokenizer.model) if given, else the source's own: a run's, a converted
+    checkpoint's, or a Hugging Face directory's original/ (Meta's repos ship one); or None."""
+    from llama3_jax.formats.bpe import load_tokenizer
+    from llama3_jax.formats.run import RunSource, read_config, run_tokenizer
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    if isinstance(source, RunSource):
+        return run_tokenizer(read_config(src, step)[0], src)
+    found = [c for c in ("tokenizer.model", "original/tokenizer.model") if (pathlib.Path(src) / c).is_file()]
+    return load_tokenizer(pathlib.Path(src) / found[0]) if found else None
+
+
+def open_inference_source(src, step: int | None = None):
+    """The checkpoint source of a run directory (latest or `step`) or any other directory."""
+    from llama3_jax.formats.run import RunSource
+    from llama3_jax.formats.weights import open_source
+    return RunSource(src, step=step) if step is not None else open_source(src)
+
+
 def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16", mesh=None, tokenizer=None):
     """(params in the training layout, model config, tokenizer or None, mesh) from a run
     directory (latest or `step`), a converted checkpoint, or a Hugging Face or Meta
-    directory. Errors come before any compile. `prepare_params` gives the inference layout
-    (and int8)."""
-    from llama3_jax.formats.run import RunSource, read_config, run_tokenizer
-    from llama3_jax.formats.bpe import check_fits, load_tokenizer
-    from llama3_jax.formats.weights import load_params, open_source
+    directory. `mesh`: a Mesh, a mesh name in meshes/ or a .toml path, or None (one device).
+    Errors come before any compile. `prepare_params` gives the inference layout (and int8)."""
+    from llama3_jax.config import load_mesh
+    from llama3_jax.formats.bpe import check_fits
+    from llama3_jax.formats.weights import load_params
     from llama3_jax.model import PARAM_AXES, param_shapes
     from llama3_jax.parallel.sharding import make_mesh, param_sharding
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
-    source = RunSource(src, step=step) if step is not None else open_source(src)
+    source = open_inference_source(src, step)
     cfg = dataclasses.replace(source.model, param_dtype=dtype, compute_dtype=dtype, remat="none",
                               attention_impl="xla")
     cfg.validate()
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    if tok is None:
-        if isinstance(source, RunSource):
-            run_cfg, _, _ = read_config(src, step)
-            tok = run_tokenizer(run_cfg, src)
-        else:  # a converted checkpoint's, or a Hugging Face directory's original/ (Meta's repos ship one)
-            found = [c for c in ("tokenizer.model", "original/tokenizer.model") if (pathlib.Path(src) / c).is_file()]
-            tok = load_tokenizer(pathlib.Path(src) / found[0]) if found else None
+    tok = source_tokenizer(source, src, step, tokenizer)
     if tok is not None:
         check_fits(tok, cfg, ": it belongs to another model; pass the model's own with --tokenizer")
+    if isinstance(mesh, str):
+        m = load_mesh(mesh)
+        mesh = make_mesh(dp=m.dp, fsdp=m.fsdp, pp=m.pp, cp=m.cp, tp=m.tp)
     mesh = mesh or make_mesh(devices=jax.devices()[:1])
     if mesh.shape.get("pp", 1) > 1 or mesh.shape.get("cp", 1) > 1:
         raise ConfigError("inference runs on dp, fsdp and tp meshes; this mesh has pp or cp > 1: pick a mesh "
