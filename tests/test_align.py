@@ -275,6 +275,45 @@ def test_a_step_on_a_mesh_equals_one_device(tmp_path, stage, mesh):
         np.testing.assert_allclose(p4[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_a_ppo_rollout_and_update_on_a_pipeline_mesh_equal_one_device(tmp_path):
+    # The rollout samples and measures on the same devices with pp and cp folded into fsdp;
+    # the update runs on the pipeline. Same tokens, log-probs, values and updated weights.
+    # (The train settings are the PPO case above: its one-device step is compiled already.)
+    cfg = load_config("debug-tiny", ["train.stage=ppo", "data.seq_len=64", "train.global_batch=8", "train.steps=4",
+                                     "train.checkpoint_every=4", "train.warmup_steps=0", "train.eps=1e-3",
+                                     "align.task_max_operand=5", "align.max_new_tokens=4"])
+    cfg = stages.configure(cfg, tmp_path)
+    results, reference = [], None
+    for devices, mesh_cfg in ((jax.devices()[:1], MeshConfig()),
+                              (jax.devices()[:8], MeshConfig(pp=2, cp=2, tp=2, pp_microbatches=2))):
+        trainer = Trainer(cfg, mesh_cfg, devices=devices, objective=stages.objective(cfg),
+                          batch_axes=stages.batch_axes(cfg))
+        state = trainer.init_state()
+        init = jax.device_get(state["params"])
+        # A reference other than the policy: another seed's initial weights, on this mesh.
+        reference = reference or jax.device_get(trainer.init_state(seed=5)["params"])
+        rollouts = stages.rollouts(cfg, TOK, trainer.mesh, log=lambda *a: None)
+        folded = rollouts.mesh.shape
+        assert rollouts.mesh.devices.size == len(devices) and folded["pp"] == folded["cp"] == 1
+        rollouts.policy = lambda: state["params"]
+        rollouts.reference = jax.device_put(reference, {k: x.sharding for k, x in state["params"].items()})
+        first = next(rollouts)
+        whole = {k: np.concatenate([first[k], rollouts.queue[0][k]]) for k in first}  # epoch 1: all 16 answers
+        state, metrics = trainer(state, trainer.put(first))
+        results.append((whole, jax.device_get(metrics), jax.device_get(state["params"])))
+    (r1, m1, p1), (r8, m8, p8) = results
+    for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions"):
+        np.testing.assert_array_equal(r8[k], r1[k], err_msg=k)
+    assert r1["loss_mask"].sum() > 16 and np.abs(r1["old_logps"] - r1["ref_logps"]).max() > 1e-3
+    for k in ("old_logps", "ref_logps", "values", "advantages", "returns"):
+        np.testing.assert_allclose(r8[k], r1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    assert max(float(np.max(np.abs(p1[k] - init[k]))) for k in p1) > 1e-4  # the step did update
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for k in p1:
+        np.testing.assert_allclose(p8[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 # ---------------------------------------------------------------- learning and resume
 
 def test_sft_raises_task_accuracy_over_the_base_model(runs):

@@ -127,3 +127,24 @@ def test_sigterm_to_one_process_stops_both_at_one_agreed_step(tmp_path):
     want = [r["loss"] for r in read_metrics(single, latest=True)]
     got = [r["loss"] for r in read_metrics(out, latest=True)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_ppo_on_two_processes_matches_one_process(tmp_path):
+    """PPO on a pp mesh across two processes: each samples and measures the same whole
+    rollout (on the devices with pp folded into fsdp) and trains on its own rows of each
+    mini-batch, so the losses, rollout rewards and task evaluation are one process's."""
+    mesh = tmp_path / "pp.toml"
+    mesh.write_text("[mesh]\nfsdp = 2\npp = 2\ntp = 2\npp_microbatches = 2\n")
+    ppo = ["--stage", "ppo", "data.seq_len=32", "train.global_batch=16", "align.task_max_operand=5",
+           "align.max_new_tokens=4", "train.checkpoint_every=4", "train.warmup_steps=0"]
+    train(tmp_path / "single", 4, mesh, extra=ppo)
+    outs = train(tmp_path / "multi", 4, mesh, processes=2, extra=ppo)
+    assert "on 8 cpu device(s)" in outs[0]
+    rows = {run: read_metrics(tmp_path / run) for run in ("single", "multi")}
+    for key in ("loss", "reward", "kl", "policy_loss", "value_loss"):
+        want, got = ([r[key] for r in rows[run] if "loss" in r] for run in ("single", "multi"))
+        assert len(got) == 4, key
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+    evaluation = {run: [r for r in rows[run] if r.get("event") == "evaluation"][-1] for run in rows}
+    for key in ("eval_task_accuracy", "eval_answer_probability"):
+        np.testing.assert_allclose(evaluation["multi"][key], evaluation["single"][key], rtol=1e-5, err_msg=key)

@@ -4,7 +4,13 @@ A rollout: prompts (each `align.group_size` times) -> the KV-cache generator at
 `align.temperature` -> a reward per answer (a reward model or a Python function) -> rows of
 prompt + answer, one per row, whose loss mask covers the answer's tokens. On the devices,
 without gradients: the policy's log-probabilities (the "old" ones), the frozen reference's,
-and the value head's estimates. On the host, in NumPy:
+and the value head's estimates. Sampling and these measurements run on the rollout mesh: the
+training mesh's devices with pp and cp folded into fsdp (`parallel.sharding.fold_pp_cp`; the
+training mesh itself when it has neither), the policy's and reference's parameters moved
+there by `jax.device_put` for each rollout. With several processes, every process samples
+and measures the same whole rollout (same prompts, same seeds, one SPMD program whose
+results are replicated) and draws its own rows of each mini-batch, as the other stages'
+batches do. On the host, in NumPy:
 
 - PPO: per-token rewards -kl_coef * (log pi - log pi_ref), plus the answer's reward at its
   last token; GAE(gamma, lambda) advantages and returns over the answer's tokens; the
@@ -31,7 +37,8 @@ import numpy as np
 
 from llama3_jax.align import objectives
 from llama3_jax.config import Config, ConfigError
-from llama3_jax.model.model import output_logits, value_of
+from llama3_jax.model.model import PARAM_AXES, output_logits, value_of
+from llama3_jax.parallel.sharding import param_sharding, replicated
 
 KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "old_logps", "ref_logps", "values",
         "advantages", "returns")
@@ -145,9 +152,11 @@ class Rollouts:
     """The PPO stage's batch stream for train.py's loop: each draw is one update's
     mini-batch; when a rollout is used up, the next is sampled from `policy()` (the loop's
     current parameters). Its state is (prompt position, rollouts so far), taken at rollout
-    boundaries (checkpoint_every is a multiple of the updates per rollout)."""
+    boundaries (checkpoint_every is a multiple of the updates per rollout). `mesh`: the mesh
+    it samples and measures on (no pp or cp; see the module docstring)."""
 
-    def __init__(self, cfg: Config, tok, prompts: list, score, mesh, reference: dict, seq_len: int):
+    def __init__(self, cfg: Config, tok, prompts: list, score, mesh, reference: dict, seq_len: int,
+                 process_index: int | None = None, process_count: int | None = None):
         from llama3_jax.infer.generate import Sampling, allowed_ids
         self.cfg, self.tok, self.prompts, self.score, self.mesh = cfg, tok, prompts, score, mesh
         self.reference, self.seq_len = reference, seq_len
@@ -156,8 +165,12 @@ class Rollouts:
         self.sampling = Sampling(a.max_new_tokens, a.temperature, seed=cfg.train.seed)
         self.stops = sorted(tok.stop_ids)
         self.allowed = allowed_ids(cfg.model.vocab_size, tok, self.stops)
-        self.measure = jax.jit(functools.partial(_measure, cfg=cfg, with_values=not a.grpo))
-        self.measure_ref = jax.jit(functools.partial(_measure, cfg=cfg, with_values=False))
+        # Replicated results: every process reads the whole rollout's measurements.
+        on_all = replicated(mesh)
+        self.measure = jax.jit(functools.partial(_measure, cfg=cfg, with_values=not a.grpo), out_shardings=on_all)
+        self.measure_ref = jax.jit(functools.partial(_measure, cfg=cfg, with_values=False), out_shardings=on_all)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
         self.position, self.count, self.queue, self.stats = 0, 0, [], {}
         self.policy = None  # set by the loop: () -> the current parameters
 
@@ -167,7 +180,8 @@ class Rollouts:
     def __next__(self) -> dict:
         if not self.queue:
             self._rollout()
-        return self.queue.pop(0)
+        rows = self.cfg.train.global_batch // self.process_count  # this process's rows of the mini-batch
+        return {k: v[self.process_index * rows:(self.process_index + 1) * rows] for k, v in self.queue.pop(0).items()}
 
     def _rollout(self):
         from llama3_jax.infer.generate import completion, generate
@@ -176,7 +190,7 @@ class Rollouts:
         rows = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(n)]
         messages = [r for r in rows for _ in range(g)]
         ids = [self.tok.encode_dialog(m) for m in messages]
-        params = self.policy()
+        params, reference = self._on_mesh(self.policy()), self._on_mesh(self.reference)
         sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + self.count)
         out = generate(params, self.cfg.model, ids, sampling, stop_ids=self.stops, allowed=self.allowed,
                        mesh=self.mesh)
@@ -184,7 +198,7 @@ class Rollouts:
         batch = self._rows(ids, out.tokens)
         with jax.set_mesh(self.mesh):
             old, values = (np.asarray(x) for x in self.measure(params, batch))
-            ref, _ = (np.asarray(x) for x in self.measure_ref(self.reference, batch))
+            ref, _ = (np.asarray(x) for x in self.measure_ref(reference, batch))
         mask = batch["loss_mask"]
         adv, returns = advantages(scores, old, ref, values, mask, self.cfg)
         batch |= {"old_logps": old, "ref_logps": ref, "values": values * mask, "advantages": adv, "returns": returns}
@@ -198,6 +212,13 @@ class Rollouts:
             self.queue += [{k: v[order[j:j + size]] for k, v in batch.items()} for j in range(0, self.rows, size)]
         self.position = (self.position + n) % len(self.prompts)
         self.count += 1
+
+    def _on_mesh(self, params: dict) -> dict:
+        """Parameters on the rollout mesh (as they are, when they live there already)."""
+        shardings = {n: param_sharding(n, PARAM_AXES[n], x.shape, self.mesh) for n, x in params.items()}
+        if all(getattr(x, "sharding", None) == shardings[n] for n, x in params.items()):
+            return params
+        return jax.device_put(params, shardings)
 
     def _rows(self, prompts, answers) -> dict:
         s = self.seq_len

@@ -21,6 +21,7 @@ from llama3_jax.config import Config, ConfigError
 from llama3_jax.data.chat import (as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch,
                                   rows_batch)
 from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
+from llama3_jax.parallel.sharding import fold_pp_cp, replicated
 
 ROWS = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
 BATCH_AXES = {k: ("batch", "seq") for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
@@ -60,10 +61,10 @@ def batches(cfg: Config, tok, *, process_index: int, process_count: int, log=pri
 
 def rollouts(cfg: Config, tok, mesh, log=print) -> ppo.Rollouts:
     """The PPO stage's stream of mini-batches, sampled from the policy (set `.policy` and
-    `.reference` before drawing)."""
+    `.reference` before drawing) on the training mesh's devices with its pp and cp folded
+    into fsdp (the generator and a reward model run there). With several processes, each
+    samples the same whole rollout and draws its own rows of each mini-batch."""
     from llama3_jax.align.rejection import reward_function
-    if jax.process_count() > 1:
-        raise ConfigError("train.stage=ppo runs in one process (its rollouts are sampled there); use one host")
     examples, skipped = load_examples(cfg.data, tok, "prompts", cfg.data.seq_len)
     prompts = [messages for (messages,) in examples]
     longest = max(len(tok.encode_dialog(m)) for m in prompts)
@@ -73,6 +74,7 @@ def rollouts(cfg: Config, tok, mesh, log=print) -> ppo.Rollouts:
     spec = cfg.align.reward or "python:llama3_jax.align.task.reward"
     log(f"data: {len(prompts)} prompts from {cfg.data.path}; reward {spec}"
         + (f"; skipped {len(skipped)} bad rows (data.skip_bad_rows)" if skipped else ""))
+    mesh = fold_pp_cp(mesh)
     return ppo.Rollouts(cfg, tok, prompts, reward_function(spec, mesh, tok), mesh, None, cfg.data.seq_len)
 
 
@@ -102,6 +104,12 @@ class Reference:
 
 # ------------------------------------------------------------------------ evaluation
 
+def on_host(fn, cfg: Config, mesh):
+    """`fn(params, batch, cfg=cfg)` jitted with its result on every device of `mesh`, so that
+    every process can read all of it (several processes: each runs the same SPMD program)."""
+    return jax.jit(functools.partial(fn, cfg=cfg), out_shardings=replicated(mesh))
+
+
 def task_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = False) -> float:
     """Greedy answers to n problems of the task (training problems, or held-out ones): the
     fraction that are right."""
@@ -120,7 +128,7 @@ def answer_probability(params, cfg: Config, tok, mesh, n: int = 64) -> float:
     seqs = [as_example(*chat_tokens(tok, r["messages"])) for r in rows]
     batch = rows_batch(seqs, max(len(x) for x in seqs))
     with jax.set_mesh(mesh):
-        logps = np.asarray(jax.jit(functools.partial(objectives.sequence_logps, cfg=cfg))(params, batch))
+        logps = np.asarray(on_host(objectives.sequence_logps, cfg, mesh)(params, batch))
     return float(np.mean(np.exp(logps)))
 
 
@@ -138,7 +146,7 @@ def rewards(params, cfg: Config, seqs, mesh) -> np.ndarray:
     examples = [as_example(np.asarray(ids, np.int32), np.zeros(len(ids), bool)) for ids in seqs]
     batch = rows_batch(examples, max(len(x) for x in examples))
     with jax.set_mesh(mesh):
-        fn = jax.jit(functools.partial(objectives.last_token_values, cfg=cfg))
+        fn = on_host(objectives.last_token_values, cfg, mesh)
         return np.asarray(fn(params, batch))
 
 
@@ -151,7 +159,7 @@ def dpo_pairs(params, ref_params, cfg: Config, tok, mesh, n: int = 64) -> dict:
              for r in rows]
     batch = pairs_batch(pairs, max(len(x) for p in pairs for x in p))
     with jax.set_mesh(mesh):
-        fn = jax.jit(functools.partial(objectives.sequence_logps, cfg=cfg))
+        fn = on_host(objectives.sequence_logps, cfg, mesh)
         ratio = (np.asarray(fn(params, batch)) - np.asarray(fn(ref_params, batch))).reshape(-1, 2)
     margin = cfg.align.dpo_beta * (ratio[:, 0] - ratio[:, 1])
     return {"eval_dpo_accuracy": float(np.mean(margin > 0)), "eval_reward_margin": float(np.mean(margin))}

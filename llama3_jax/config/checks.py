@@ -35,8 +35,6 @@ def validate(cfg: Config, mesh_cfg: MeshConfig, n_devices: int, process_count: i
         _check_pipeline(m, mesh_cfg, pp)
     if t.stage not in STAGES:
         raise ConfigError(f"train.stage={t.stage!r} unknown; choose one of {', '.join(STAGES)}")
-    if t.stage == "ppo" and pp > 1:
-        raise ConfigError("train.stage=ppo samples its rollouts with the generator, which runs on meshes without pp")
     if t.stage in ("rm", "dpo") and t.global_batch % (2 * max(t.micro_batches, 1)):
         raise ConfigError(f"train.stage={t.stage} trains on pairs of rows: give a train.global_batch divisible by "
                           "2 x train.micro_batches")

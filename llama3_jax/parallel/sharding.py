@@ -125,6 +125,19 @@ def make_mesh(dp=1, fsdp=1, pp=1, cp=1, tp=1, devices=None) -> Mesh:
     return Mesh(np.asarray(list(devices), dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def fold_pp_cp(mesh: Mesh) -> Mesh:
+    """The same devices in the same order with pp and cp folded into fsdp (tp and dp kept):
+    a mesh for code that has no pipeline or context-parallel form, such as the KV-cache
+    generator sampling PPO's rollouts on a pp or cp training mesh. `mesh` itself when it
+    has neither. Parameters move onto it by `jax.device_put` to its `param_sharding`s."""
+    s = mesh.shape
+    if s["pp"] == 1 and s["cp"] == 1:
+        return mesh
+    # (dp, fsdp, pp, cp, tp) row-major: fsdp, pp and cp are adjacent, so a reshape merges them.
+    shape = (s["dp"], s["fsdp"] * s["pp"] * s["cp"], 1, 1, s["tp"])
+    return Mesh(mesh.devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
