@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     same = all(np.array_equal(a.whole(k), b.whole(k)) for k in a.dtypes)
     print(f"faulty run: {faulty_s:.1f} s wall (train.py with --max-restarts), {len(restarts)} restarts:")
     for r in restarts:
-        print(f"  restart {r['restart']}: {r['cause']} after {r['ran_s']:.1f} s")
+        print(f"  restart {r['restart']}: {r['cause']} after {r['ran_s']:.1f} s"
+              + ("; the warm spare took over" if r.get("warm_spare") else ""))
     print("\n".join(format_summary(summary)))
     print(f"clean run skipping batches {skips}: {clean_s:.1f} s wall; "
           f"goodput {100 * clean['goodput']:.1f}% ({clean['productive_s']:.1f} s productive)")

@@ -3,6 +3,7 @@
 import json
 import random
 import string
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -549,3 +550,58 @@ def test_sharded_batches_refuse_a_shard_count_that_does_not_fit(three_sources):
     sources, _ = three_sources
     with pytest.raises(ConfigError, match="data.shards=3 must be a multiple of the 2 process"):
         ShardedBatches(DataConfig(sources=sources, shards=3), TOK, global_batch=6, seq_len=32, process_count=2)
+
+
+def test_row_shuffle_windows_kept_on_disk_restore_exactly_without_reading_them_again(tmp_path):
+    """data.window_cache: a restore takes the shuffle's window from its file (no document of
+    it tokenized again) and goes on exactly as an uninterrupted iterator; a spoilt file is
+    read around."""
+    # ~11 tokens each: a window of 32 rows of 16 tokens holds ~45 documents
+    write_text_folder(tmp_path / "docs", [string.ascii_lowercase[i % 26] * (3 + i % 13) for i in range(300)])
+    data = config.DataConfig(sources=(DataSource(str(tmp_path / "docs")),), seed=0, shuffle_rows=32)
+    cache = tmp_path / "windows"
+
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode(self, text, bos=False, eos=False):
+            Counting.calls += 1
+            return super().encode(text, bos, eos)
+
+    def make(tok=TOK, kept=cache):
+        return make_iterator(data, tok, global_batch=2, seq_len=16, window_cache=kept)
+
+    it = make()
+    states, want = [], []
+    for _ in range(70):  # over four windows of 32 rows
+        states.append(json.loads(json.dumps(it.get_state())))
+        want.append(next(it))
+    it.close()
+    time.sleep(0.5)  # the files are written in the background
+    assert 1 <= len(list(cache.glob("*.npz"))) <= 2  # the newest windows only
+    for at in (0, 40, 53, 66):  # the last two windows (from row 96) are kept: restores there read no window
+        Counting.calls = 0
+        again = make(Counting())
+        again.set_state(states[at])
+        got = [next(again)]
+        reads = Counting.calls  # the restore's documents
+        got += [next(again) for _ in range(69 - at)]
+        assert again.get_state() == it.get_state() and again.bad_rows() == it.bad_rows()
+        again.close()
+        time.sleep(0.5)
+        for a, b in zip(want[at:], got):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+                assert a[k].dtype == b[k].dtype
+        if at >= 48:
+            assert reads < 10, reads
+        else:
+            assert reads > 40, reads
+    for f in cache.glob("*.npz"):
+        f.write_bytes(b"spoilt")
+    again = make()
+    again.set_state(states[53])
+    for a in want[53:]:
+        b = next(again)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

@@ -115,6 +115,33 @@ def test_sigkill_then_resume_is_exact(uninterrupted, tmp_path):
     assert held_out_loss(uninterrupted, *evaluated) == pytest.approx(evals[STEPS]["eval_loss"], abs=1e-6)
 
 
+def test_a_restart_takes_the_warm_spare_and_resumes_exactly(uninterrupted, tmp_path):
+    """--max-restarts keeps the next session imported and waiting; a SIGKILL releases it at
+    once, the run ends exactly where an uninterrupted one does, and the spare left over at
+    the end (one restart remained) is not left running."""
+    out = tmp_path / "spared"
+    e = dict(env(), LLAMA3_JAX_FAULTS="kill@22", LLAMA3_JAX_SPARE_AFTER_S="0")  # spares start at once
+    p = subprocess.run(cmd(out, STEPS, "--max-restarts", "2"), cwd=REPO, env=e, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "restart 1/2: killed by SIGKILL" in p.stderr and "(in the warm spare)" in p.stderr
+    [row] = [json.loads(line) for line in (out / "restarts.jsonl").read_text().splitlines()]
+    assert row["warm_spare"] and row["cause"] == "killed by SIGKILL"
+    assert "resumed" in p.stdout and [s for s, _ in losses(out)] == list(range(1, STEPS + 1))
+    a, b = final_params(uninterrupted), final_params(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    left = [d for d in pathlib.Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(d)]
+    assert not left, [_cmdline(d) for d in left]
+
+
+def _cmdline(proc_dir) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_corrupted_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path):
     out = tmp_path / "corrupt"
     shutil.copytree(uninterrupted, out)

@@ -255,7 +255,7 @@ def _fingerprint(settings: dict) -> str:
 def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: int | None = None,
                   process_index: int = 0, process_count: int = 1, epoch_loop: bool = True,
                   num_threads: int = 0, worker_count: int = 0,
-                  prefetch: int = 2, sources=None) -> DataIterator:
+                  prefetch: int = 2, sources=None, window_cache=None) -> DataIterator:
     """The training batches of this process (see the module docstring).
 
     Args:
@@ -279,6 +279,8 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
         pipeline runs while the accelerator computes.
       sources: `open_sources(data)` when the caller opened them already (each JSONL file
         is line-indexed once, however many iterators read it).
+      window_cache: a directory where the row shuffle's windows are kept, so a restore
+        does not read its window again (`llama3_jax.data.window_cache`; None = not kept).
     """
     import grain
 
@@ -316,6 +318,11 @@ def make_iterator(data: DataConfig, tokenizer, *, global_batch: int, seq_len: in
         it = bad_rows.SkipBadRows(ds.to_iter_dataset(read_options), live, name=name, epoch_len=epoch_len)
         it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"x": seq_len})
         it = it.map(_pack_row)
+        if data.shuffle_rows > 1 and window_cache and not worker_count:
+            from llama3_jax.data.window_cache import WindowCache
+            it = WindowCache(it, window_cache, window=data.shuffle_rows, identity=dict(
+                data=_fingerprint(_data_settings(data)), source=i, seq_len=seq_len, shard=process_index,
+                shards=process_count, epoch_loop=epoch_loop))
         if data.shuffle_rows > 1:
             # Packing keeps a long file's rows together; shuffling rows within a window
             # spreads them over many batches (checkpointable: replays from the window start).

@@ -173,9 +173,10 @@ def main(argv=None, session_start: float | None = None) -> int:
         batches = ShardedBatches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
                                  make=make, **where)
     else:
-        batches = make_batches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len,
-                               steps=tc.steps, **where)
-        for line in describe_schedule(batches, tok, cfg):
+        # Batches prepared 8 ahead: the row shuffle's next window is read while they are used.
+        batches = make_batches(cfg.data, tok, global_batch=tc.global_batch, seq_len=cfg.data.seq_len, steps=tc.steps,
+                               window_cache=out / "data_windows", prefetch=8, **where)
+        for line in describe_schedule(batches, tok, cfg) if not supervise.restarted() else ():  # told once
             log(line)
     validation = Validation(trainer, tok, **where) if tc.eval_every and not post else None
     benchmark = None
@@ -196,6 +197,8 @@ def main(argv=None, session_start: float | None = None) -> int:
         saved_stage = context.stage_of(plan_cfg, max(latest - 1, 0))
         expected = cfg if saved_stage == stage else context.apply(plan_cfg, plan_mesh, saved_stage)[0]
         recovery.check_resume(saved_cfg, expected, out, log)
+    if not post:
+        trainer.compile_ahead()  # while the state and the data position are restored
     goodput = Goodput(out, enabled=is_main, session_start=session_start)
     stream = recovery.BatchStream(batches, recovery.parse_ranges(tc.skip_batches))
     initial_data, fresh = stream.local_state(), None
@@ -346,8 +349,8 @@ def main(argv=None, session_start: float | None = None) -> int:
     # time between two steps' results (the session's first includes compiling). A bad
     # step applies no update on the device; the host learns of it one step later.
     step, pending, first, local_data = start, None, True, None
+    ready = time.perf_counter()  # the first step's time includes drawing its batch (counted as data)
     cur = draw(step) if step < end else None
-    ready = time.perf_counter()
     stop.agree(start)  # JAX's step count starts at 0: a SIGTERM before the first step must agree past `start`
     watchdog.arm(tc.compile_timeout_s, f"step {step + 1} (compiling)")
     try:
@@ -376,8 +379,8 @@ def main(argv=None, session_start: float | None = None) -> int:
                     watchdog.arm(tc.compile_timeout_s, "rollback")
                     step, state = rollback()
                     goodput.event("restore", time.perf_counter() - t)
-                    pending, local_data, cur = None, None, (draw(step) if step < end else None)
-                    ready = time.perf_counter()
+                    ready, pending, local_data = time.perf_counter(), None, None
+                    cur = draw(step) if step < end else None
                     continue
                 data_error = check_bad_rows(*bad_rows, cfg.data)
                 if data_error:
@@ -462,10 +465,11 @@ def main(argv=None, session_start: float | None = None) -> int:
 NEXT_STAGE = -1  # main's answer when a context stage is done and the next one starts
 
 
-def cli(argv=None) -> int:
-    """Entry point of `llama3-train` and train.py: bad input is one `error:` line, exit 2."""
+def cli(argv=None, session_start: float | None = None) -> int:
+    """Entry point of `llama3-train` and train.py: bad input is one `error:` line, exit 2.
+    `session_start`: when this session began, if not when its process did (a warm spare)."""
     try:
-        code = main(argv)
+        code = main(argv, session_start=session_start)
         while code == NEXT_STAGE:
             code = main(argv, session_start=time.time())
         return code

@@ -11,6 +11,7 @@ applied and metrics["skipped"] gives the reason code (0 = none).
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +226,17 @@ class Trainer:
     def lower(self, state, batch):
         with jax.set_mesh(self.mesh):
             return self._jitted.lower(state, batch)
+
+    def compile_ahead(self) -> threading.Thread:
+        """Compile the step (from the persistent cache, usually) in a background thread, while
+        the caller restores the state and the data position; the first step then finds it
+        compiled. Only for the pretraining batch (a stage's extra batch keys differ)."""
+        def work():
+            try:
+                self.lower(self._abstract, self.abstract_batch()).compile()
+            except Exception:  # noqa: BLE001 - the first step compiles it, and reports any error
+                pass
+        # Not a daemon: an exit meanwhile waits for it (a thread killed inside XLA aborts the process).
+        thread = threading.Thread(target=work, name="llama3-compile-ahead")
+        thread.start()
+        return thread

@@ -5,6 +5,11 @@ Exits that a restart cannot cure end the run with the child's code: success (0),
 configuration (2), a clean SIGTERM or Ctrl-C (143, 130), divergence and too much bad data.
 Each restart is one line on stderr and one row of RUN/restarts.jsonl with its cause.
 SIGTERM and Ctrl-C sent to the supervisor go to the child, which saves and exits.
+
+A restart does not wait for imports: once a child is past its own start-up
+(`SPARE_AFTER_S`), the supervisor starts a warm spare (`llama3_jax.train.spare`), the next
+session with its imports done, blocked before it touches the run directory or starts JAX's
+backend. A restart releases it at once; any other end of the run kills it unused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ EXIT_HUNG = 75          # the watchdog stopped a hung step: restart
 EXIT_DIVERGED = 76      # bad steps after train.max_rollbacks rollbacks: do not restart
 EXIT_BAD_DATA = 77      # more bad rows than data.max_bad_row_fraction: do not restart
 NO_RESTART = {0, 2, 130, 143, EXIT_DIVERGED, EXIT_BAD_DATA}
+RESTARTED = "restart"   # CHILD_ENV of every session after the first
+
+
+def restarted() -> bool:
+    """This session is a restart (by `supervise`): the run's first session has already
+    printed what a restart need not measure again (the data report)."""
+    return os.environ.get(CHILD_ENV) == RESTARTED
 
 
 def describe(code: int) -> str:
@@ -35,11 +47,42 @@ def describe(code: int) -> str:
             130: "Ctrl-C", 143: "SIGTERM"}.get(code, f"exit code {code}")
 
 
+# Seconds after a child starts when its spare does: the child's start-up (restore, first
+# steps) is over by then, so the spare's imports do not slow it. LLAMA3_JAX_SPARE_AFTER_S
+# overrides it (tests); "off" never starts one.
+SPARE_AFTER_S = 20.0
+
+
+def start_spare(argv: list[str], env: dict) -> subprocess.Popen:
+    # Its own process group, like a child: a terminal's Ctrl-C never reaches a spare.
+    return subprocess.Popen([sys.executable, "-m", "llama3_jax.train.spare", *argv], env=env,
+                            stdin=subprocess.PIPE, process_group=0)
+
+
+def release(spare: subprocess.Popen) -> bool:
+    """Tell a spare to start its session now; False if it is gone."""
+    try:
+        spare.stdin.write(f"{time.time():.6f}\n".encode())
+        spare.stdin.close()
+    except OSError:
+        return False
+    return spare.poll() is None
+
+
+def stop_spare(spare: subprocess.Popen | None) -> None:
+    if spare is not None:  # blocked on its stdin or still importing: nothing of the run touched
+        spare.kill()
+        spare.wait()
+        if not spare.stdin.closed:
+            spare.stdin.close()
+
+
 def supervise(argv: list[str], run_dir, max_restarts: int) -> int:
     run_dir = pathlib.Path(run_dir)
     cmd = [sys.executable, "-m", "llama3_jax.train.loop", *argv]
     env = dict(os.environ, **{CHILD_ENV: "1"})
-    child = None
+    again = dict(os.environ, **{CHILD_ENV: RESTARTED})
+    child = spare = None
 
     def forward(signum, _frame):
         if child is not None and child.poll() is None:
@@ -48,22 +91,41 @@ def supervise(argv: list[str], run_dir, max_restarts: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     restarts = 0
-    while True:
-        began = time.time()
+    after = os.environ.get("LLAMA3_JAX_SPARE_AFTER_S", str(SPARE_AFTER_S))
+    spare_after = None if after == "off" else float(after)
+    try:
         # Its own process group: a terminal's Ctrl-C reaches the child once, through forward().
         child = subprocess.Popen(cmd, env=env, process_group=0)
-        code = child.wait()
-        if code in NO_RESTART:
-            return code
-        cause = describe(code)
-        if restarts >= max_restarts:
-            print(f"error: the run stopped ({cause}) and --max-restarts {max_restarts} is used up; "
-                  "run the same command again to resume", file=sys.stderr)
-            return code if code > 0 else 128 - code
-        restarts += 1
-        print(f"restart {restarts}/{max_restarts}: {cause} after {time.time() - began:.1f} s; "
-              "resuming from the latest checkpoint", file=sys.stderr, flush=True)
-        if run_dir.is_dir():
-            with open(run_dir / "restarts.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "restart": restarts, "exit_code": code, "cause": cause,
-                                    "ran_s": round(time.time() - began, 3)}) + "\n")
+        while True:
+            began = time.time()
+            code = None
+            if spare is None and restarts < max_restarts and spare_after is not None:
+                try:
+                    code = child.wait(timeout=spare_after)
+                except subprocess.TimeoutExpired:
+                    spare = start_spare(argv, again)
+            if code is None:
+                code = child.wait()
+            if code in NO_RESTART:
+                return code
+            cause = describe(code)
+            if restarts >= max_restarts:
+                print(f"error: the run stopped ({cause}) and --max-restarts {max_restarts} is used up; "
+                      "run the same command again to resume", file=sys.stderr)
+                return code if code > 0 else 128 - code
+            restarts += 1
+            ran = time.time() - began
+            warm = spare is not None and release(spare)
+            if warm:
+                child, spare = spare, None
+            else:  # none yet (the child stopped early), or it died: a cold start
+                stop_spare(spare)
+                child, spare = subprocess.Popen(cmd, env=again, process_group=0), None
+            print(f"restart {restarts}/{max_restarts}: {cause} after {ran:.1f} s; resuming from the latest "
+                  f"checkpoint{' (in the warm spare)' if warm else ''}", file=sys.stderr, flush=True)
+            if run_dir.is_dir():
+                with open(run_dir / "restarts.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.time(), "restart": restarts, "exit_code": code, "cause": cause,
+                                        "ran_s": round(ran, 3), "warm_spare": warm, "pid": child.pid}) + "\n")
+    finally:
+        stop_spare(spare)
