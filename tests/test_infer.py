@@ -16,7 +16,8 @@ from llama3_jax.config import ConfigError
 from llama3_jax.formats import convert
 from llama3_jax.infer import cli
 from llama3_jax.infer.decode import choose, empty_cache, forward_cached, score
-from llama3_jax.infer.generate import Sampling, allowed_ids, as_dtype, generate, load_for_inference
+from llama3_jax.infer.generate import (Sampling, allowed_ids, as_dtype, cache_bytes, generate,
+                                       load_for_inference)
 from llama3_jax.infer.quant import param_bytes, prepare_params
 from llama3_jax.model import PARAM_AXES, forward
 from llama3_jax.parallel.sharding import make_mesh, param_sharding
@@ -150,6 +151,49 @@ def test_int8_and_bf16_perplexity_stay_close_and_int8_halves_memory(loaded):
     assert param_bytes(int8) < 0.55 * param_bytes(prepare_params(bf16))
 
 
+def test_int8_kv_cache_stores_numpy_quantized_vectors_and_decodes_like_float(loaded):
+    params, cfg, tok, _ = loaded
+    prompts = prompts_of(tok, (5, 17, 40))
+    tokens = np.zeros((3, 40), np.int32)
+    pad = np.asarray([40 - len(p) for p in prompts], np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, pad[i]:] = prompt
+    prepared = prepare_params(params)
+
+    def prefill(dtype):
+        cache = jax.jit(lambda: empty_cache(cfg, 3, 64, dtype))()
+        logits, cache = jax.jit(lambda p, t, c: forward_cached(p, t, c, jnp.int32(0), pad, cfg))(prepared, tokens,
+                                                                                                   cache)
+        return np.asarray(logits), jax.device_get(cache)
+
+    fp_logits, fp = prefill(jnp.float32)
+    q_logits, q = prefill(jnp.int8)
+    # Layer 0's keys and values depend on the embeddings only: the int8 cache holds exactly
+    # NumPy's symmetric per-vector quantization of the float cache's (one scale per token and head).
+    for name in ("k", "v"):
+        x = fp[name][0].astype(np.float64)
+        scale = np.abs(x).max(-1, keepdims=True) / 127
+        want = np.clip(np.round(x / np.where(scale > 0, scale, 1)), -127, 127)
+        assert q[name][0].dtype == np.int8
+        np.testing.assert_allclose(q[name + "_scale"][0], scale, rtol=1e-6)
+        assert np.abs(q[name][0].astype(np.int64) - want).max() <= 1  # a rounding tie may fall either way
+        assert np.mean(q[name][0] == want) > 0.999
+    # Through every layer, the logits of real tokens stay close and pick the same next token.
+    real = np.arange(40)[None, :] >= pad[:, None]
+    assert np.abs(q_logits - fp_logits)[real].max() < 0.05 * np.abs(fp_logits)[real].max()
+    assert np.mean(q_logits.argmax(-1)[real] == fp_logits.argmax(-1)[real]) > 0.97
+    g_fp = generate(params, cfg, prompts, Sampling(max_new_tokens=24))
+    g_q = generate(params, cfg, prompts, Sampling(max_new_tokens=24), cache_dtype="int8")
+    agree = [a == b for x, y in zip(g_fp.tokens, g_q.tokens) for a, b in zip(x, y)]
+    assert np.mean(agree) > 0.9, (g_fp.tokens, g_q.tokens)
+    # Memory: int8 plus one float32 scale per head_dim-vector, against 4 bytes per element.
+    for dtype in ("int8", "float32", "bfloat16"):
+        arrays = jax.tree.leaves(jax.eval_shape(lambda: empty_cache(cfg, 3, 64, jnp.dtype(dtype))))
+        assert sum(a.size * a.dtype.itemsize for a in arrays) == cache_bytes(cfg, 3, 64, dtype)
+    assert cache_bytes(cfg, 1, 64, "int8") / cache_bytes(cfg, 1, 64, "float32") == (cfg.head_dim + 4) / (
+        4 * cfg.head_dim)
+
+
 def test_command_streams_writes_jsonl_and_rejects_bad_input_before_compiling(trained, tmp_path, capsys):
     run = str(trained / "run")
     assert cli.main([run, "--prompt", "def ", "--max-new-tokens", "8", "--dtype", "float32"]) == 0
@@ -159,7 +203,7 @@ def test_command_streams_writes_jsonl_and_rejects_bad_input_before_compiling(tra
                        json.dumps({"prompt": [{"role": "user", "content": "hi"}], "id": 7}) + "\n")
     out = tmp_path / "out.jsonl"
     assert cli.main([run, "--prompts-file", str(prompts), "--out", str(out), "--max-new-tokens", "6",
-                     "--quantize", "int8", "--temperature", "0.7", "--seed", "1"]) == 0
+                     "--quantize", "int8", "--kv-cache", "int8", "--temperature", "0.7", "--seed", "1"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("id") for r in rows] == [None, 7]
     assert all(len(r["tokens"]) == len(r["logprobs"]) <= 6 and r["finish"] in ("stop", "length") for r in rows)
@@ -168,6 +212,7 @@ def test_command_streams_writes_jsonl_and_rejects_bad_input_before_compiling(tra
         ([run, "--prompt", "x " * 600], "does not fit the cache of model.max_seq_len=512"),
         ([run, "--dtype", "float64"], "--dtype 'float64' unknown"),
         ([run, "--quantize", "int4"], "the one quantization is int8"),
+        ([run, "--kv-cache", "int4"], "KV cache dtype 'int4' unknown"),
         ([run, "--tokenizer", str(REPO.parent / "shared" / "llama3-tokenizer" / "tokenizer.model")],
          "belongs to another model"),
     ]:

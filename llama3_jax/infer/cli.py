@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --prompts-file")
     p.add_argument("--quantize", default=None, help="int8: weight-only int8, per output channel")
     p.add_argument("--quantize-embeddings", action="store_true", help="with --quantize: the embedding/head too")
+    p.add_argument("--kv-cache", default=None, help="the KV cache's dtype: float32 | bfloat16 | float16 | int8 "
+                   "(one float32 scale per key/value vector; default: --dtype)")
     return p
 
 
@@ -99,8 +101,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    from llama3_jax.infer.generate import (Sampling, allowed_ids, cache_length, completion, generate,
-                                           load_for_inference)
+    from llama3_jax.infer.generate import (Sampling, allowed_ids, cache_bytes, cache_length, check_cache_dtype,
+                                           completion, generate, load_for_inference)
     from llama3_jax.infer.quant import param_bytes, prepare_params
 
     try:
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
         sampling.check()
         if args.quantize not in (None, "int8"):
             raise ConfigError(f"--quantize {args.quantize!r} unknown; the one quantization is int8")
+        check_cache_dtype(args.kv_cache)
         params, cfg, tok, mesh = load_for_inference(args.src, step=args.step, dtype=args.dtype, mesh=args.mesh,
                                                     tokenizer=args.tokenizer)
         if tok is None:
@@ -117,9 +120,12 @@ def main(argv=None) -> int:
         print(f"# {args.src}: {cfg.n_layers} layers, dim {cfg.dim}, {args.dtype}"
               f"{' + int8 weights' if args.quantize else ''}: {param_bytes(params) / 2**20:,.1f} MiB of parameters"
               f" on {mesh.devices.size} device(s)", file=sys.stderr)
+        kv = args.kv_cache or args.dtype
+        print(f"# KV cache: {kv}, {cache_bytes(cfg, 1, cfg.max_seq_len, kv) / 2**20:,.1f} MiB per sequence of "
+              f"model.max_seq_len={cfg.max_seq_len} tokens", file=sys.stderr)
         stops = sorted(tok.stop_ids)
         allowed = allowed_ids(cfg.vocab_size, tok, stops)
-        run = dict(stop_ids=stops, allowed=allowed, mesh=mesh)
+        run = dict(stop_ids=stops, allowed=allowed, mesh=mesh, cache_dtype=args.kv_cache)
 
         if args.prompts_file:
             rows = read_prompts(args.prompts_file)

@@ -3,7 +3,9 @@ jitted one-token decode step, and the sampler they share.
 
 The cache holds keys and values as one [batch, kv_heads, length, head_dim] array per layer
 (GQA: the kv heads, not the query heads), sharded by the training rule table (batch over
-dp/fsdp, kv heads over tp). Prompts are left-padded to one length, so every row writes the
+dp/fsdp, kv heads over tp). An int8 cache stores each key and value vector (one token, one
+kv head) as int8 with its own float32 scale, max|x| / 127, and attends over the dequantized
+vectors: 1 + 4 / head_dim bytes per element instead of 2 (bf16) or 4 (fp32). Prompts are left-padded to one length, so every row writes the
 same cache slot at each step; a row's positions start at 0 at its first real token, and
 pad slots are a segment of their own, so RoPE and masking are exactly training's (`attention_mask` from
 segment ids and positions, float32 scores and softmax as in `xla_attention`).
@@ -29,9 +31,39 @@ CACHE_AXES = ("batch", "kv_heads", "kv_seq", "head_dim")
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
-    """{"k": [one array per layer], "v": [...]}: a buffer per layer, each updated in place."""
+    """{"k": [one array per layer], "v": [...]}: a buffer per layer, each updated in place;
+    an int8 cache adds "k_scale" and "v_scale", float32 [batch, kv_heads, length, 1] per layer."""
     shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-    return {n: [constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(cfg.n_layers)] for n in ("k", "v")}
+    names = {"k": (shape, dtype), "v": (shape, dtype)}
+    if jnp.dtype(dtype) == jnp.int8:
+        names |= {"k_scale": (shape[:-1] + (1,), jnp.float32), "v_scale": (shape[:-1] + (1,), jnp.float32)}
+    return {n: [constrain(jnp.zeros(sh, dt), CACHE_AXES) for _ in range(cfg.n_layers)] for n, (sh, dt) in names.items()}
+
+
+def quantize_vectors(x):
+    """(int8 values, float32 scales [..., 1]) of x [..., head_dim]: symmetric, one scale per
+    vector, round to nearest; a zero vector gets scale 0."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def store(cache: dict, name: str, layer: int, new, start):
+    """Write `new` [b, t, kv_heads, hd] at slots start .. start + t - 1 of the layer's `name`
+    buffer (in place: the caller donates the cache) and return the buffer as attention reads
+    it, dequantized for an int8 cache."""
+    x = jnp.swapaxes(new, 1, 2)  # [b, kv_heads, t, hd]
+    buf = cache[name][layer]
+    if buf.dtype != jnp.int8:
+        cache[name][layer] = constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, 0, start, 0)),
+                                       CACHE_AXES)
+        return cache[name][layer]
+    q, scale = quantize_vectors(x)
+    cache[name][layer] = constrain(jax.lax.dynamic_update_slice(buf, q, (0, 0, start, 0)), CACHE_AXES)
+    scales = cache[name + "_scale"]
+    scales[layer] = constrain(jax.lax.dynamic_update_slice(scales[layer], scale, (0, 0, start, 0)), CACHE_AXES)
+    return cache[name][layer].astype(jnp.float32) * scales[layer]
 
 
 def forward_cached(params: dict, tokens, cache: dict, start, pad, cfg: ModelConfig, last_only: bool = False):
@@ -48,27 +80,17 @@ def forward_cached(params: dict, tokens, cache: dict, start, pad, cfg: ModelConf
     mask = attention_mask(jnp.ones((b, t), jnp.int32), kv_segments, positions, kv_positions)
     x = embed_tokens(params["embed"], tokens, cfg)
 
-    ks, vs = [], []
-    for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
+    cache = {n: list(layers) for n, layers in cache.items()}  # the new buffers replace the old
+    for i, p in enumerate(params["layers"]):
         q, k, v = project_qkv(x, p, cos, sin, cfg)
         # Written in place into the cache (donated by the caller): no copy per step.
-        k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, heads_first(k, k_cache.dtype), (0, 0, start, 0)),
-                            CACHE_AXES)
-        v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, heads_first(v, v_cache.dtype), (0, 0, start, 0)),
-                            CACHE_AXES)
-        a = cached_attention(q, k_cache.astype(x.dtype), v_cache.astype(x.dtype), mask)
+        k, v = store(cache, "k", i, k, start), store(cache, "v", i, v, start)
+        a = cached_attention(q, k.astype(x.dtype), v.astype(x.dtype), mask)
         x = finish_block(x, a, p, cfg)
-        ks.append(k_cache)
-        vs.append(v_cache)
     if last_only:
         x = x[:, -1:]
     logits = output_logits(final_hidden(x, params["norm"], cfg), params, cfg)
-    return logits, {"k": ks, "v": vs}
-
-
-def heads_first(k, dtype):
-    """[b, t, kv_heads, hd] -> [b, kv_heads, t, hd], a cache update."""
-    return jnp.swapaxes(k, 1, 2).astype(dtype)
+    return logits, cache
 
 
 def cached_attention(q, k, v, mask):

@@ -25,6 +25,7 @@ from llama3_jax.infer.quant import prepare_params
 
 BUCKET = 64
 DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = DTYPES + ("int8",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,18 @@ def completion(tok, ids) -> str:
     return tok.decode([i for i in ids if i not in tok.stop_ids])
 
 
+def check_cache_dtype(name: str | None) -> None:
+    if name is not None and name not in CACHE_DTYPES:
+        raise ConfigError(f"KV cache dtype {name!r} unknown; choose one of {', '.join(CACHE_DTYPES)}")
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype: str) -> int:
+    """Bytes of a KV cache (keys and values, every layer; an int8 cache's scales included)."""
+    vectors = 2 * cfg.n_layers * batch * cfg.n_kv_heads * length
+    per_vector = cfg.head_dim + 4 if dtype == "int8" else cfg.head_dim * np.dtype(jnp.dtype(dtype)).itemsize
+    return vectors * per_vector
+
+
 def cache_length(cfg: ModelConfig, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
     """(prompt bucket, cache length), or a ConfigError before anything compiles."""
     need = longest_prompt + max_new_tokens
@@ -90,8 +103,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], samplin
     `allowed`: bool [vocab] of the ids that may be drawn (see `allowed_ids`; default all).
     `on_tokens(tokens [b], live [b])` is called with each step's tokens, for streaming.
     Reproducible for a given seed and batch: each step's keys come from (seed, step).
+    `cache_dtype`: the KV cache's (`CACHE_DTYPES`; default the model's compute dtype).
     """
     sampling.check()
+    check_cache_dtype(cache_dtype)
     b = len(prompts)
     bucket, length = cache_length(cfg, max(len(p) for p in prompts), sampling.max_new_tokens)
     rows = b
