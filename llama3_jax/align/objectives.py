@@ -12,12 +12,15 @@ loss, {"count": what it is averaged over, ...sums of metrics})` for `train.step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from llama3_jax.config import AlignConfig, Config
 from llama3_jax.model.loss import head_loss
 from llama3_jax.model.model import hidden_states, output_logits, value_of
+from llama3_jax.parallel.sharding import replicated
 
 
 def hidden(params, batch, cfg: Config, ordered: bool = True):
@@ -107,3 +110,9 @@ def dpo(cfg: Config, ordered: bool, hidden_fn=None):
 
 
 OBJECTIVES = {"sft": sft, "rm": reward_model, "dpo": dpo}
+
+
+def on_host(fn, mesh, **settings):
+    """`fn(params, batch, **settings)` jitted with its result on every device of `mesh`, so
+    that every process can read all of it (several processes run the same SPMD program)."""
+    return jax.jit(functools.partial(fn, **settings), out_shardings=replicated(mesh))

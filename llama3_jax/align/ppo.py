@@ -29,7 +29,6 @@ policy's backbone (model.value_head), initialised with the policy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,7 @@ import numpy as np
 from llama3_jax.align import objectives
 from llama3_jax.config import Config, ConfigError
 from llama3_jax.model.model import PARAM_AXES, output_logits, value_of
-from llama3_jax.parallel.sharding import param_sharding, replicated
+from llama3_jax.parallel.sharding import param_shardings
 
 KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "old_logps", "ref_logps", "values",
         "advantages", "returns")
@@ -166,9 +165,8 @@ class Rollouts:
         self.stops = sorted(tok.stop_ids)
         self.allowed = allowed_ids(cfg.model.vocab_size, tok, self.stops)
         # Replicated results: every process reads the whole rollout's measurements.
-        on_all = replicated(mesh)
-        self.measure = jax.jit(functools.partial(_measure, cfg=cfg, with_values=not a.grpo), out_shardings=on_all)
-        self.measure_ref = jax.jit(functools.partial(_measure, cfg=cfg, with_values=False), out_shardings=on_all)
+        self.measure = objectives.on_host(_measure, mesh, cfg=cfg, with_values=not a.grpo)
+        self.measure_ref = objectives.on_host(_measure, mesh, cfg=cfg, with_values=False)
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.position, self.count, self.queue, self.stats = 0, 0, [], {}
@@ -215,7 +213,7 @@ class Rollouts:
 
     def _on_mesh(self, params: dict) -> dict:
         """Parameters on the rollout mesh (as they are, when they live there already)."""
-        shardings = {n: param_sharding(n, PARAM_AXES[n], x.shape, self.mesh) for n, x in params.items()}
+        shardings = param_shardings(PARAM_AXES, {n: x.shape for n, x in params.items()}, self.mesh)
         if all(getattr(x, "sharding", None) == shardings[n] for n, x in params.items()):
             return params
         return jax.device_put(params, shardings)

@@ -21,7 +21,7 @@ from llama3_jax.config import Config, ConfigError
 from llama3_jax.data.chat import (as_example, chat_tokens, load_examples, make_chat_iterator, pairs_batch,
                                   rows_batch)
 from llama3_jax.infer.generate import Sampling, allowed_ids, completion, generate
-from llama3_jax.parallel.sharding import fold_pp_cp, replicated
+from llama3_jax.parallel.sharding import fold_pp_cp
 
 ROWS = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
 BATCH_AXES = {k: ("batch", "seq") for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
@@ -104,12 +104,6 @@ class Reference:
 
 # ------------------------------------------------------------------------ evaluation
 
-def on_host(fn, cfg: Config, mesh):
-    """`fn(params, batch, cfg=cfg)` jitted with its result on every device of `mesh`, so that
-    every process can read all of it (several processes: each runs the same SPMD program)."""
-    return jax.jit(functools.partial(fn, cfg=cfg), out_shardings=replicated(mesh))
-
-
 def task_accuracy(params, cfg: Config, tok, mesh, n: int = 64, held: bool = False) -> float:
     """Greedy answers to n problems of the task (training problems, or held-out ones): the
     fraction that are right."""
@@ -128,7 +122,7 @@ def answer_probability(params, cfg: Config, tok, mesh, n: int = 64) -> float:
     seqs = [as_example(*chat_tokens(tok, r["messages"])) for r in rows]
     batch = rows_batch(seqs, max(len(x) for x in seqs))
     with jax.set_mesh(mesh):
-        logps = np.asarray(on_host(objectives.sequence_logps, cfg, mesh)(params, batch))
+        logps = np.asarray(objectives.on_host(objectives.sequence_logps, mesh, cfg=cfg)(params, batch))
     return float(np.mean(np.exp(logps)))
 
 
@@ -146,7 +140,7 @@ def rewards(params, cfg: Config, seqs, mesh) -> np.ndarray:
     examples = [as_example(np.asarray(ids, np.int32), np.zeros(len(ids), bool)) for ids in seqs]
     batch = rows_batch(examples, max(len(x) for x in examples))
     with jax.set_mesh(mesh):
-        fn = on_host(objectives.last_token_values, cfg, mesh)
+        fn = objectives.on_host(objectives.last_token_values, mesh, cfg=cfg)
         return np.asarray(fn(params, batch))
 
 
@@ -159,7 +153,7 @@ def dpo_pairs(params, ref_params, cfg: Config, tok, mesh, n: int = 64) -> dict:
              for r in rows]
     batch = pairs_batch(pairs, max(len(x) for p in pairs for x in p))
     with jax.set_mesh(mesh):
-        fn = on_host(objectives.sequence_logps, cfg, mesh)
+        fn = objectives.on_host(objectives.sequence_logps, mesh, cfg=cfg)
         ratio = (np.asarray(fn(params, batch)) - np.asarray(fn(ref_params, batch))).reshape(-1, 2)
     margin = cfg.align.dpo_beta * (ratio[:, 0] - ratio[:, 1])
     return {"eval_dpo_accuracy": float(np.mean(margin > 0)), "eval_reward_margin": float(np.mean(margin))}

@@ -118,16 +118,16 @@ class _MakeBatch:
 # ------------------------------------------------------------------------- the state
 
 
-def _to_json(obj):
+def state_to_json(obj):
     """Grain state -> JSON-safe (tuples, numpy scalars/arrays and non-str keys tagged)."""
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _to_json(v) for k, v in obj.items()}
-        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in obj.items()]}
+            return {k: state_to_json(v) for k, v in obj.items()}
+        return {"__items__": [[state_to_json(k), state_to_json(v)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_to_json(v) for v in obj]}
+        return {"__tuple__": [state_to_json(v) for v in obj]}
     if isinstance(obj, list):
-        return [_to_json(v) for v in obj]
+        return [state_to_json(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):
@@ -137,17 +137,17 @@ def _to_json(obj):
     raise TypeError(f"data iterator state holds a {type(obj).__name__}, not JSON-serialisable")
 
 
-def _from_json(obj):
+def state_from_json(obj):
     if isinstance(obj, dict):
         if set(obj) == {"__tuple__"}:
-            return tuple(_from_json(v) for v in obj["__tuple__"])
+            return tuple(state_from_json(v) for v in obj["__tuple__"])
         if set(obj) == {"__items__"}:
-            return {_from_json(k): _from_json(v) for k, v in obj["__items__"]}
+            return {state_from_json(k): state_from_json(v) for k, v in obj["__items__"]}
         if set(obj) == {"__ndarray__", "dtype"}:
             return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        return {k: _from_json(v) for k, v in obj.items()}
+        return {k: state_from_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_from_json(v) for v in obj]
+        return [state_from_json(v) for v in obj]
     return obj
 
 
@@ -179,7 +179,7 @@ class DataIterator:
     def get_state(self) -> dict:
         """JSON-serialisable position in the stream (after the batches returned so far)."""
         identity = {k: v for k, v in self._identity.items() if k != "data_legacy"}
-        return {"version": _STATE_VERSION, "identity": identity, "grain": _to_json(self._it.get_state())}
+        return {"version": _STATE_VERSION, "identity": identity, "grain": state_to_json(self._it.get_state())}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` of an iterator made with the same arguments."""
@@ -201,7 +201,7 @@ class DataIterator:
         if details:
             raise ConfigError("cannot resume the data where the checkpoint left it: the data pipeline differs "
                               f"({'; '.join(details)}); resume with the saved settings, or start a new --out")
-        self._it.set_state(_from_json(state["grain"]))
+        self._it.set_state(state_from_json(state["grain"]))
 
     def bad_rows(self) -> tuple[int, int, int]:
         """(reads of unreadable documents, documents read, different unreadable documents),

@@ -29,6 +29,8 @@ import time
 import grain
 import numpy as np
 
+from llama3_jax.data.packing import state_from_json, state_to_json
+
 _VERSION = 1
 
 
@@ -67,7 +69,7 @@ class _WindowCacheIterator(grain.DatasetIterator):
             rows.append(row)
             if len(rows) == self._window:
                 start, self._recording = self._recording[0], None
-                after = _to_json(self._parent.get_state())
+                after = state_to_json(self._parent.get_state())
                 threading.Thread(target=_write, args=(self._dir, self._stream, self._keep, start, rows, after),
                                  daemon=True).start()
         return row
@@ -76,11 +78,11 @@ class _WindowCacheIterator(grain.DatasetIterator):
         if self._served:  # the row shuffle asks only at a window's start; never mid-file
             raise RuntimeError("WindowCache: position asked while rows are served from a file")
         state = self._parent.get_state()
-        self._recording = (_to_json(state), [])  # the window the shuffle is about to read
+        self._recording = (state_to_json(state), [])  # the window the shuffle is about to read
         return state
 
     def set_state(self, state):
-        start = _to_json(state)
+        start = state_to_json(state)
         self._served, self._after, self._recording = [], None, None
         loaded = _load(_path(self._dir, self._stream, start), start, self._window)
         if loaded is None:
@@ -110,7 +112,7 @@ def _load(path: pathlib.Path, start, window: int):
     except Exception:  # noqa: BLE001 - unreadable or cut short: read the window instead
         return None
     rows = [{k: columns[k][i] for k in meta["keys"]} for i in range(window)]
-    return rows, _from_json(meta["after"])
+    return rows, state_from_json(meta["after"])
 
 
 def _write(directory: pathlib.Path, stream: str, keep: int, start, rows, after) -> None:
@@ -151,12 +153,3 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
-
-def _to_json(state):
-    from llama3_jax.data.packing import _to_json as to_json
-    return to_json(state)
-
-
-def _from_json(state):
-    from llama3_jax.data.packing import _from_json as from_json
-    return from_json(state)

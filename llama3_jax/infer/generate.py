@@ -179,7 +179,7 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
     from llama3_jax.formats.bpe import check_fits
     from llama3_jax.formats.weights import load_params
     from llama3_jax.model import PARAM_AXES, param_shapes
-    from llama3_jax.parallel.sharding import make_mesh, param_sharding
+    from llama3_jax.parallel.sharding import make_mesh, param_shardings
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
@@ -197,8 +197,7 @@ def load_for_inference(src, *, step: int | None = None, dtype: str = "bfloat16",
     if mesh.shape.get("pp", 1) > 1 or mesh.shape.get("cp", 1) > 1:
         raise ConfigError("inference runs on dp, fsdp and tp meshes; this mesh has pp or cp > 1: pick a mesh "
                           "without them (for example --mesh with tp only)")
-    shardings = {n: param_sharding(n, PARAM_AXES[n], s, mesh) for n, s in param_shapes(cfg).items()}
-    return load_params(source, shardings, dtype), cfg, tok, mesh
+    return load_params(source, param_shardings(PARAM_AXES, param_shapes(cfg), mesh), dtype), cfg, tok, mesh
 
 
 def as_dtype(params: dict, dtype: str) -> dict:

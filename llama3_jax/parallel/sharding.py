@@ -93,6 +93,12 @@ def param_sharding(name: str, names, shape, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def param_shardings(axes: dict, shapes: dict, mesh: Mesh) -> dict:
+    """{name: sharding} of parameters of `shapes` whose dimensions carry logical `axes`
+    (the model's PARAM_AXES)."""
+    return {name: param_sharding(name, axes[name], shape, mesh) for name, shape in shapes.items()}
+
+
 @functools.cache
 def _log_replicated(name, dim, logical, size, axis, axis_size) -> None:
     log.warning("parameter %s: dimension %d (%s, size %d) is not divisible by mesh axis %s=%d, so it "

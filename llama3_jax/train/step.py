@@ -49,8 +49,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 # ---------------------------------------------------------------- state and shardings
 
 def param_shardings(cfg: ModelConfig, mesh) -> dict:
-    return {name: shd.param_sharding(name, PARAM_AXES[name], shape, mesh)
-            for name, shape in param_shapes(cfg).items()}
+    return shd.param_shardings(PARAM_AXES, param_shapes(cfg), mesh)
 
 
 def abstract_state(cfg: Config, mesh):
