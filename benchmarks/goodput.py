@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     # A NaN on the batch of step s: the batch index is s - 1 (nothing is skipped before it).
     faults = ",".join([f"kill@{s}" for s in plan["kill"]] + [f"nan@{s - 1}" for s in plan["nan"]]
                       + [f"hang@{s}" for s in plan["hang"]])
-    common = ["train.sample_tokens=8", "train.checkpoint_every=10", "train.step_timeout_s=3", *args.overrides]
+    # A compile cache of the benchmark's own, empty at first: the faulty run compiles as a new
+    # job does, and its restarts load from the cache. Checkpoints every 2 steps cost about no
+    # step time (configs/debug.toml saves from a copy of the state while the next step runs).
+    common = ["train.sample_tokens=8", "train.checkpoint_every=2", "train.step_timeout_s=3",
+              f"train.compile_cache={root / 'xla'}", *args.overrides]
     print(f"# {args.config}, {args.steps} steps; faults: {faults}", flush=True)
     faulty_s, log = train(root / "faulty", args.steps, args.config, common + ["train.rollback_after=1"],
                           faults, max_restarts=8)

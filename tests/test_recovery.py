@@ -137,12 +137,13 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 def test_kills_a_hang_and_a_nan_rollback_end_where_a_clean_run_does(tmp_path):
     """benchmarks/goodput.py at a tiny size: three SIGKILLs, a hung step and a NaN batch
     under --max-restarts; the final parameters equal those of a clean run told to skip the
-    batch that was rolled back over (the script exits 1 otherwise)."""
+    batch that was rolled back over (the script exits 1 otherwise). Checkpoints are saved
+    from a copy of the state while the next step runs (train.checkpoint_copy)."""
     import sys
     sys.path.insert(0, str(REPO / "benchmarks"))
     import goodput
     assert goodput.main(["--config", "debug-tiny", "--steps", "40", "--out", str(tmp_path),
-                         "train.checkpoint_every=4", "model.compute_dtype=float32"]) == 0
+                         "train.checkpoint_every=4", "model.compute_dtype=float32", "train.checkpoint_copy=true"]) == 0
     run_dir = tmp_path / "faulty"
     causes = [json.loads(line)["cause"] for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
     assert sorted(causes) == ["killed by SIGKILL"] * 3 + ["the watchdog stopped a hung step"]
@@ -152,6 +153,7 @@ def test_kills_a_hang_and_a_nan_rollback_end_where_a_clean_run_does(tmp_path):
     rollback = [r for r in rows if r.get("event") == "rollback"]
     nan_batch = int(goodput.fault_plan(40, 0)["nan"][0]) - 1
     assert [r["skip_batches"] for r in rollback] == [f"{nan_batch}-{nan_batch}"]
+    assert [r["step"] for r in rollback] == [nan_batch]  # in place: from the step before the bad one
     assert [r["batch"] for r in rows if r.get("skipped")] == [nan_batch]
     summary = json.loads((run_dir / "goodput.json").read_text())
     assert summary["sessions"] == 5 and summary["lost_s"]["watchdog"] >= 3  # train.step_timeout_s

@@ -97,3 +97,27 @@ def test_annealing_needs_both_keys(annealed, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.anneal_steps" in err[0] and "anneal_sources" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [2, STEPS - ANNEAL - 1], ids=["in-place", "across-the-switch"])
+def test_a_rollback_trains_what_a_run_told_to_skip_the_batch_does(annealed, tmp_path, monkeypatch, bad):
+    """A NaN batch rolls back at once. Its step applied no update, so the run goes on from the
+    state in memory, keeping the step already in flight; only when the batches drawn since
+    then straddle the switch to the annealing mix does it reload its checkpoint (every 2 steps
+    here: the one at step 6)."""
+    import numpy as np
+
+    from llama3_jax.formats.run import RunSource
+    monkeypatch.setenv("LLAMA3_JAX_FAULTS", f"nan@{bad}")
+    assert train(annealed, tmp_path / "faulty", "train.rollback_after=1") == 0
+    monkeypatch.delenv("LLAMA3_JAX_FAULTS")
+    assert train(annealed, tmp_path / "clean", f"train.skip_batches={bad}") == 0
+    rows = read_metrics(tmp_path / "faulty")
+    [rollback] = [r for r in rows if r.get("event") == "rollback"]
+    assert rollback["skip_batches"] == f"{bad}-{bad}" and rollback["bad_steps"] == f"{bad + 1}-{bad + 1}"
+    assert rollback["step"] == (bad if bad == 2 else 6)
+    assert [r["batch"] for r in read_metrics(tmp_path / "faulty", latest=True) if "loss" in r] == \
+        [r["batch"] for r in read_metrics(tmp_path / "clean") if "loss" in r]
+    a, b = RunSource(tmp_path / "faulty"), RunSource(tmp_path / "clean")
+    for k in a.dtypes:
+        np.testing.assert_array_equal(a.whole(k), b.whole(k))

@@ -303,3 +303,18 @@ def test_init_from_a_hugging_face_directory_and_a_bad_one(tmp_path):
     want, got = HFSource(tmp_path / "hf"), final_params(out)
     for name in got:
         np.testing.assert_array_equal(got[name], want.read(name), err_msg=name)
+
+
+def test_the_cpu_peak_for_mfu_is_measured_once_per_machine(tmp_path, monkeypatch):
+    from llama3_jax.train import metrics
+    monkeypatch.setenv("LLAMA3_JAX_CACHE", str(tmp_path))
+    metrics.measure_cpu_flops.cache_clear()
+    try:
+        first = metrics.measure_cpu_flops()
+        saved = json.loads((tmp_path / "cpu_flops.json").read_text())
+        assert list(saved.values()) == [first] and first > 1e8
+        (tmp_path / "cpu_flops.json").write_text(json.dumps({k: 123.0 for k in saved}))
+        metrics.measure_cpu_flops.cache_clear()
+        assert metrics.measure_cpu_flops() == 123.0  # read back, not measured again
+    finally:
+        metrics.measure_cpu_flops.cache_clear()

@@ -171,6 +171,10 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    # Save from a copy of the state on the devices, so the next step runs while Orbax takes
+    # it to the host: a save then costs about no step time, for one more copy of the train
+    # state in device memory (for models far from filling it, like the debug presets).
+    checkpoint_copy: bool = False
     # An Orbax checkpoint (from `llama3_jax.convert from-hf/from-meta` or a run dir) to
     # take the weights from; the optimizer starts fresh.
     init_from: str = ""

@@ -39,6 +39,7 @@ class Goodput:
         self.dir = pathlib.Path(run_dir) / "goodput"
         self.summary_path = pathlib.Path(run_dir) / "goodput.json"
         self.start = process_start_time() if session_start is None else session_start
+        self._first = None  # (step, seconds, kind) of the session's first step, until the next one
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -56,14 +57,26 @@ class Goodput:
         self.file.flush()
 
     def step(self, step: int, seconds: float, skipped: bool, first: bool, redo: bool) -> None:
-        """One step's time: compile (the session's first), skipped, re-done (a step done
-        before, in this session or an earlier one: metrics.jsonl's `redo`) or productive."""
-        kind = "compile" if first else "skipped" if skipped else "redo" if redo else "productive"
+        """One step's time: skipped, re-done (a step done before, in this session or an
+        earlier one: metrics.jsonl's `redo`) or productive. The session's first step also
+        compiles (or loads the compiled step): what it took beyond the next step's time is
+        `compile`, and the rest is its own kind."""
+        kind = "skipped" if skipped else "redo" if redo else "productive"
+        if first:
+            self._first = (step, seconds, kind)
+            return
+        if self._first is not None:
+            first_step, first_seconds, first_kind = self._first
+            self._first = None
+            self.event("compile", max(first_seconds - seconds, 0.0), step=first_step)
+            self.event(first_kind, min(first_seconds, seconds), step=first_step)
         self.event(kind, seconds, step=step)
 
     def finish(self) -> dict | None:
         if not self.enabled:
             return None
+        if self._first is not None:  # a session of one step: no ordinary step to compare with
+            self.event("compile", self._first[1], step=self._first[0])
         self.file.write(json.dumps({"kind": "end", "s": 0.0, "t": round(time.time(), 6)}) + "\n")
         self.file.close()
         summary = summarize(self.path)

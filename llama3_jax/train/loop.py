@@ -14,7 +14,6 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
 
 from llama3_jax.config import ConfigError, load_config, load_mesh
@@ -40,37 +39,6 @@ def parse_args(argv=None):
                    help="restart the run after a crash or a hung step, up to N times (each resumes)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
     return p.parse_intermixed_args(argv)  # overrides may come before or after options
-
-
-def check_out_dir(out: pathlib.Path) -> None:
-    """A clear error, before anything is compiled or created, when --out cannot be a run
-    directory: a file, a path through a file, or a place this process cannot write."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory (new, or an earlier run to resume)")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {out} runs through {parent}, which is a file; give a directory")
-    try:  # the only sure test of writability (read-only mounts, root, quotas): write something
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".llama3-jax-write-test-"))
-    except OSError as e:
-        raise ConfigError(f"--out {out} is not writable ({parent}: {e.strerror}); choose a directory you can "
-                          "write") from None
-
-
-def resume_notes(saved_train, tc, start: int, log) -> None:
-    """One line for each change of train.steps on resume that alters what the run does."""
-    from llama3_jax.train.step import lr_schedule
-    if tc.steps < start:
-        raise ConfigError(f"--steps {tc.steps} is below the run's step {start}, so there is nothing to train; "
-                          f"give --steps above {start} to train further (checkpoints are kept)")
-    if tc.steps == start:
-        log(f"the run is already at step {start} = --steps; nothing to train (give more --steps to continue)")
-    elif saved_train.steps != tc.steps:
-        was, now = float(lr_schedule(saved_train)(start)), float(lr_schedule(tc)(start))
-        log(f"note: train.steps changed from {saved_train.steps} to {tc.steps}: the cosine schedule now decays "
-            f"over {tc.steps} steps, so the learning rate at step {start} moves from {was:.3g} to {now:.3g}")
 
 
 def main(argv=None, session_start: float | None = None) -> int:
@@ -135,7 +103,7 @@ def main(argv=None, session_start: float | None = None) -> int:
     tc = cfg.train
 
     # --- validate everything before compiling or touching the run directory
-    check_out_dir(out)
+    recovery.check_out_dir(out)
     context.check(plan_cfg, plan_mesh, jax.device_count(), jax.process_count())
     latest = context.latest_step(out)
     stage = context.stage_of(plan_cfg, latest or 0)
@@ -215,7 +183,7 @@ def main(argv=None, session_start: float | None = None) -> int:
     restore_s = time.perf_counter() - t  # the state and the data position
     goodput.event("restore", restore_s)
     if restored:
-        resume_notes(run_dir.read_config(out, start)[0].train, tc, start, log)
+        recovery.resume_notes(run_dir.read_config(out, start)[0].train, tc, start, log)
         log(f"resumed {out} at step {start}")
     else:
         start, init_params = 0, None
@@ -224,7 +192,7 @@ def main(argv=None, session_start: float | None = None) -> int:
             log(f"initialised weights from {tc.init_from}")
         state = trainer.init_state(params=init_params)
 
-        def fresh():  # a rollback to before the first checkpoint starts the run again
+        def fresh():  # a rollback that reloads, with no checkpoint yet, starts the run again
             stream.restore(initial_data)
             return trainer.init_state(params=init_source and load_params(
                 init_source, init_shardings, cfg.model.param_dtype))
@@ -252,16 +220,19 @@ def main(argv=None, session_start: float | None = None) -> int:
                                  on_fire=lambda waited: goodput.event("watchdog", waited))
     goodput.event("startup", time.time() - goodput.start - restore_s)
     bad = []  # (step, batch index) of the current run of consecutive bad steps
+    relabeled = set()  # steps an in-place rollback freed again (their rows so far: bad steps)
     host = {"data": 0.0, "save": 0.0}  # host seconds since the last result, by what they waited on
 
-    def draw(at):
-        """The batch of 0-based step `at`."""
+    def draw(at, running=None):
+        """The batch of 0-based step `at`. Its time is lost (data wait) unless the step
+        dispatched before it (`running`, its metrics) was still running when it was ready."""
         t = time.perf_counter()
         if hasattr(batches, "select"):  # the data schedule (annealing); PPO's rollouts have none
             batches.select(at)
         index, batch = next(stream)
         batch = extend(trainer.put(faults.batch(index, batch)))
-        host["data"] += time.perf_counter() - t
+        if running is None or all(x.is_ready() for x in jax.tree.leaves(running)):
+            host["data"] += time.perf_counter() - t
         return index, batch
 
     def finish(step, metrics, index, dt, first, bad_rows) -> bool:
@@ -281,8 +252,10 @@ def main(argv=None, session_start: float | None = None) -> int:
         if reason:
             row["skip_reason"] = reason
         row = writer.write(row)
-        goodput.step(step, dt - host["data"] - host["save"], skipped=reason is not None, first=first,
-                     redo=row.get("redo", False))
+        # A step whose earlier row was a bad step that an in-place rollback took back is no redo.
+        redo = row.get("redo", False) and step not in relabeled
+        relabeled.discard(step)
+        goodput.step(step, dt - host["data"] - host["save"], skipped=reason is not None, first=first, redo=redo)
         for kind in host:
             goodput.event(kind, host[kind])
             host[kind] = 0.0
@@ -314,8 +287,10 @@ def main(argv=None, session_start: float | None = None) -> int:
         goodput.event("eval", time.perf_counter() - t)
         return time.perf_counter() - t
 
-    def rollback():
-        """Reload the newest checkpoint from before the bad run, and skip its batches."""
+    def rollback(state, in_place: bool):
+        """Skip the bad run's batches from now on, and go back to the state before it: the
+        state in memory (`in_place`: the bad steps applied no update, so it is that state), or
+        the newest checkpoint from before the run. Returns (step, state)."""
         (first_step, first_batch), (last_step, last_batch) = bad[0], bad[-1]
         window = (first_batch, last_batch)
         stream.rollbacks += 1
@@ -326,11 +301,14 @@ def main(argv=None, session_start: float | None = None) -> int:
                                     f"batch {last_batch + 1}: lower train.lr or raise train.max_rollbacks")
         mngr.wait_until_finished()
         earlier = [s for s in mngr.all_steps() if s < first_step]
-        if earlier:
+        if in_place:
+            back, how = first_step - 1, "the state in memory (the bad steps applied no update)"
+        elif earlier:
             back, state, data = run_dir.restore_step(mngr, max(earlier), trainer.abstract_state())
             stream.restore(data)
+            how = "its checkpoint"
         elif fresh is not None:
-            back, state = 0, fresh()
+            back, state, how = 0, fresh(), "the initial state"
         else:
             raise recovery.Diverged(f"bad steps at {where}, and no checkpoint before step {first_step} to roll back "
                                     "to; raise train.keep_checkpoints or lower train.checkpoint_every")
@@ -338,17 +316,18 @@ def main(argv=None, session_start: float | None = None) -> int:
             log(run_dir.set_aside(mngr, later, "abandoned by a rollback"))
         stream.skips = recovery.merge(stream.skips, [window])
         bad.clear()
-        log(f"rollback {stream.rollbacks}/{tc.max_rollbacks}: {where}; reloaded step {back} and skipping "
+        log(f"rollback {stream.rollbacks}/{tc.max_rollbacks}: {where}; back to step {back} from {how}, skipping "
             f"batches {window[0]}-{window[1]} (train.skip_batches of this run: {recovery.format_ranges(stream.skips)})")
         writer.write({"step": back, "event": "rollback", "skip_batches": f"{window[0]}-{window[1]}",
                       "bad_steps": f"{first_step}-{last_step}", "rollbacks": stream.rollbacks})
+        relabeled.update(range(first_step, last_step + 1))
         return back, state
 
     # The host never waits on the step it has just dispatched: while step k runs it puts
     # batch k+1 on the devices and then fetches step k-1's results. A step's time is the
     # time between two steps' results (the session's first includes compiling). A bad
     # step applies no update on the device; the host learns of it one step later.
-    step, pending, first, local_data = start, None, True, None
+    step, pending, first, local_data, to_save = start, None, True, None, None
     ready = time.perf_counter()  # the first step's time includes drawing its batch (counted as data)
     cur = draw(step) if step < end else None
     stop.agree(start)  # JAX's step count starts at 0: a SIGTERM before the first step must agree past `start`
@@ -364,7 +343,13 @@ def main(argv=None, session_start: float | None = None) -> int:
                 stop.agree(step)
                 faults.after_dispatch(step)
                 local_data = stream.local_state()
-                cur = draw(step) if step < end else None
+                cur = draw(step, metrics) if step < end else None
+            if to_save is not None:  # a copy of the last step's state, saved while this step runs
+                t = time.perf_counter()
+                run_dir.save(mngr, *to_save, cfg)
+                if dispatched is None or all(x.is_ready() for x in jax.tree.leaves(dispatched[1])):
+                    host["save"] += time.perf_counter() - t
+                to_save = None
             if pending is not None:
                 jax.block_until_ready(pending[1])
                 now = time.perf_counter()
@@ -373,15 +358,24 @@ def main(argv=None, session_start: float | None = None) -> int:
                 ready, first = now, False
                 watchdog.arm(tc.step_timeout_s, f"step {step}")
                 if redo:
-                    if dispatched is not None:
+                    # The step in flight started from the state before the bad run, on the batch
+                    # after it: in place, it is the next step. Only a data-schedule switch among
+                    # the draws since then (they chose their mix by step) needs the checkpoint.
+                    in_place = not (hasattr(batches, "switch") and bad[0][0] - 1 < batches.switch <= step + 1)
+                    if dispatched is not None and not in_place:
                         jax.block_until_ready(dispatched[1])  # from the abandoned trajectory
                     t = time.perf_counter()
                     watchdog.arm(tc.compile_timeout_s, "rollback")
-                    step, state = rollback()
+                    step, state = rollback(state, in_place)
                     goodput.event("restore", time.perf_counter() - t)
-                    ready, pending, local_data = time.perf_counter(), None, None
-                    cur = draw(step) if step < end else None
-                    continue
+                    if not in_place or dispatched is None:  # nothing in flight to keep
+                        ready, pending = time.perf_counter(), None
+                        if not in_place:
+                            local_data, cur = None, None
+                        cur = cur or draw(step)
+                        continue
+                    step += 1
+                    dispatched = (step, *dispatched[1:])
                 data_error = check_bad_rows(*bad_rows, cfg.data)
                 if data_error:
                     stop.data_error(data_error)
@@ -389,7 +383,9 @@ def main(argv=None, session_start: float | None = None) -> int:
             if pending is None:
                 break
             ready += evaluate(step, state["params"])  # evaluation time is no step's time
-            if mngr.should_save(step):
+            if mngr.should_save(step) and tc.checkpoint_copy:  # saved once the next step is on its way
+                to_save = (step, trainer.copy(state), stream.checkpoint_state(local_data))
+            elif mngr.should_save(step):
                 jax.block_until_ready(state)  # Orbax copies the state off the device before it returns
                 t = time.perf_counter()
                 run_dir.save(mngr, step, state, stream.checkpoint_state(local_data), cfg)

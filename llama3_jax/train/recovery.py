@@ -20,6 +20,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -73,9 +74,10 @@ def check(t: TrainConfig) -> None:
 # therefore safe by default). The mesh is not in the config: any mesh resumes. data.shards
 # is checked by the data iterator, which knows the process count.
 RESUMABLE = {f"train.{k}" for k in (
-    "steps", "checkpoint_every", "keep_checkpoints", "sample_tokens", "sample_prompt", "compile_cache",
-    "peak_flops_per_device", "step_timeout_s", "compile_timeout_s", "spike_k", "spike_window", "spike_warmup",
-    "rollback_after", "max_rollbacks", "skip_batches", "init_from", "micro_batches", "context_stages")} | {
+    "steps", "checkpoint_every", "keep_checkpoints", "checkpoint_copy", "sample_tokens", "sample_prompt",
+    "compile_cache", "peak_flops_per_device", "step_timeout_s", "compile_timeout_s", "spike_k", "spike_window",
+    "spike_warmup", "rollback_after", "max_rollbacks", "skip_batches", "init_from", "micro_batches",
+    "context_stages")} | {
     "model.remat", "model.attention_impl", "model.loss_chunk", "data.shards", "data.max_bad_row_fraction"}
 
 
@@ -130,6 +132,39 @@ def judge(loss, grad_norm, guard: dict, tc: TrainConfig):
 def keep_if(ok, new_tree, old_tree):
     """new_tree where ok, else old_tree, leaf by leaf (no host round trip)."""
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_tree, old_tree)
+
+
+# ---------------------------------------------------------------- resuming
+
+def check_out_dir(out: pathlib.Path) -> None:
+    """A clear error, before anything is compiled or created, when --out cannot be a run
+    directory: a file, a path through a file, or a place this process cannot write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (new, or an earlier run to resume)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out} runs through {parent}, which is a file; give a directory")
+    try:  # the only sure test of writability (read-only mounts, root, quotas): write something
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".llama3-jax-write-test-"))
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({parent}: {e.strerror}); choose a directory you can "
+                          "write") from None
+
+
+def resume_notes(saved_train, tc, start: int, log) -> None:
+    """One line for each change of train.steps on resume that alters what the run does."""
+    from llama3_jax.train.step import lr_schedule
+    if tc.steps < start:
+        raise ConfigError(f"--steps {tc.steps} is below the run's step {start}, so there is nothing to train; "
+                          f"give --steps above {start} to train further (checkpoints are kept)")
+    if tc.steps == start:
+        log(f"the run is already at step {start} = --steps; nothing to train (give more --steps to continue)")
+    elif saved_train.steps != tc.steps:
+        was, now = float(lr_schedule(saved_train)(start)), float(lr_schedule(tc)(start))
+        log(f"note: train.steps changed from {saved_train.steps} to {tc.steps}: the cosine schedule now decays "
+            f"over {tc.steps} steps, so the learning rate at step {start} moves from {was:.3g} to {now:.3g}")
 
 
 # ---------------------------------------------------------------- skipped batches

@@ -155,7 +155,7 @@ class Trainer:
     `Trainer(cfg, mesh_cfg)` validates everything (`config.validate`) before anything is
     compiled, builds the mesh (over `devices`, default all) and the jitted step. Then:
     `init_state()` or `abstract_state()`, `put(host_batch)` (this process's rows onto the
-    mesh), `trainer(state, batch) -> (state, metrics)`, and `lower(state, batch)`.
+    mesh), `trainer(state, batch) -> (state, metrics)`, `lower(state, batch)` and `copy(state)`.
     """
 
     def __init__(self, cfg: Config, mesh_cfg: MeshConfig | None = None, devices=None,
@@ -178,6 +178,14 @@ class Trainer:
         self._jitted = jax.jit(make_step(cfg, self.mesh, self.mesh_cfg, objective), donate_argnums=0,
                                in_shardings=(shardings, self.batch_shardings()),
                                out_shardings=(shardings, shd.replicated(self.mesh)))
+        self._copy = jax.jit(lambda state: jax.tree.map(jnp.copy, state), in_shardings=(shardings,),
+                             out_shardings=shardings)
+
+    def copy(self, state):
+        """A copy of the state on the devices (dispatched, not waited for), which the next
+        step's donation leaves alone: train.checkpoint_copy saves it while that step runs."""
+        with jax.set_mesh(self.mesh):
+            return self._copy(state)
 
     def batch_shardings(self) -> dict:
         return {k: NamedSharding(self.mesh, shd.logical_to_spec(axes, (0,) * len(axes), self.mesh))
