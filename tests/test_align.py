@@ -229,7 +229,9 @@ def test_sequence_logps_equal_a_numpy_log_softmax(runs):
     logits = np.asarray(forward(params, jnp.asarray(batch["tokens"]), model_cfg), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = [sum(logp[i, t, batch["targets"][i, t]] for t in np.flatnonzero(batch["loss_mask"][i])) for i in range(6)]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # float32 log-softmax errs by a few ulps of the logits' scale, which for an answer token of
+    # probability near 1 (log p near 0) is more than any relative tolerance of log p.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=8 * np.finfo(np.float32).eps * np.abs(logits).max())
     # The DPO mask holds the answer's content only: no header, no <|eot_id|>.
     assert set(tok.decode(batch["targets"][batch["loss_mask"] > 0].tolist())) <= set("-0123456789")
 
@@ -318,13 +320,17 @@ def test_a_ppo_rollout_and_update_on_a_pipeline_mesh_equal_one_device(tmp_path):
 
 # ---------------------------------------------------------------- learning and resume
 
-def test_sft_raises_task_accuracy_over_the_base_model(runs):
+def test_sft_raises_task_accuracy_over_the_base_model(tmp_path):
+    # Its own run, 100 steps longer than the fixture's: after 200 steps the accuracy sat near
+    # 0.6 and moved with the step's rounding; the fixture's shorter run leaves the later
+    # stages room to improve on it.
+    train(tmp_path / "sft", "sft", 300, "train.lr=6e-3")
     cfg = load_config("debug-tiny", [*TASK, "train.stage=sft"])
     base = Trainer(cfg, MeshConfig(), devices=jax.devices()[:1])
     before = stages.task_accuracy(base.init_state()["params"], cfg, TOK, base.mesh)
-    after = evaluation(runs / "sft")["eval_task_accuracy"]
-    assert before < 0.05 and after > 0.6, (before, after)
-    rows = [r for r in read_metrics(runs / "sft") if "loss" in r]
+    after = evaluation(tmp_path / "sft")["eval_task_accuracy"]
+    assert before < 0.05 and after > 0.9, (before, after)
+    rows = [r for r in read_metrics(tmp_path / "sft") if "loss" in r]
     assert np.mean([r["accuracy"] for r in rows[-20:]]) > np.mean([r["accuracy"] for r in rows[:20]]) + 0.2
 
 
