@@ -186,6 +186,7 @@ class Trainer:
                                out_shardings=(shardings, shd.replicated(self.mesh)))
         self._copy = jax.jit(lambda state: jax.tree.map(jnp.copy, state), in_shardings=(shardings,),
                              out_shardings=shardings)
+        self._ahead, self._ahead_thread = None, None  # compile_ahead's executable, and its thread
 
     def copy(self, state):
         """A copy of the state on the devices (dispatched, not waited for), which the next
@@ -207,7 +208,11 @@ class Trainer:
         cfg, opt = self.cfg, make_optimizer(self.cfg.train)
         seed = cfg.train.seed if seed is None else seed
 
-        @functools.partial(jax.jit, out_shardings=state_shardings(self._abstract))
+        # A program run once: on CPU, LLVM's optimisations took 2.4 of its 2.5 s compile (debug
+        # preset, a new job's first start), and running it unoptimised takes milliseconds.
+        fast_compile = {"xla_backend_optimization_level": 0} if self.mesh.devices.flat[0].platform == "cpu" else None
+
+        @functools.partial(jax.jit, out_shardings=state_shardings(self._abstract), compiler_options=fast_compile)
         def init(key, given):
             # Given weights replace the random ones (a new value head keeps its initialisation).
             p = Llama(cfg.model, rngs=nnx.Rngs(key)).param_arrays() | (given or {})
@@ -233,23 +238,28 @@ class Trainer:
                 for k in BATCH_KEYS}
 
     def __call__(self, state, batch):
+        if self._ahead_thread is not None:  # the first step waits for the compile in flight, not a second one
+            self._ahead_thread.join()
+            self._ahead_thread = None
         with jax.set_mesh(self.mesh):
+            if self._ahead is not None and batch.keys() == set(BATCH_KEYS):
+                return self._ahead(state, batch)
             return self._jitted(state, batch)
 
     def lower(self, state, batch):
         with jax.set_mesh(self.mesh):
             return self._jitted.lower(state, batch)
 
-    def compile_ahead(self) -> threading.Thread:
+    def compile_ahead(self) -> None:
         """Compile the step (from the persistent cache, usually) in a background thread, while
-        the caller restores the state and the data position; the first step then finds it
-        compiled. Only for the pretraining batch (a stage's extra batch keys differ)."""
+        the caller restores the state and the data position. Steps then run that executable:
+        the first waits for it rather than tracing and compiling the step a second time.
+        Only for the pretraining batch (a stage's extra batch keys differ)."""
         def work():
             try:
-                self.lower(self._abstract, self.abstract_batch()).compile()
-            except Exception:  # noqa: BLE001 - the first step compiles it, and reports any error
+                self._ahead = self.lower(self._abstract, self.abstract_batch()).compile()
+            except Exception:  # noqa: BLE001 - the jitted step compiles it, and reports any error
                 pass
         # Not a daemon: an exit meanwhile waits for it (a thread killed inside XLA aborts the process).
-        thread = threading.Thread(target=work, name="llama3-compile-ahead")
-        thread.start()
-        return thread
+        self._ahead_thread = threading.Thread(target=work, name="llama3-compile-ahead")
+        self._ahead_thread.start()
