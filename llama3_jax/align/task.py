@@ -22,6 +22,8 @@ import zlib
 
 import numpy as np
 
+from llama3_jax.config import write_atomic
+
 HELD_OUT_PERCENT = 20
 
 
@@ -68,10 +70,7 @@ def write_task(directory, kind: str, n: int, max_operand: int, seed: int = 0) ->
     """The stage's training rows as JSONL under `directory` (written atomically; every process
     writes the same bytes)."""
     path = pathlib.Path(directory) / f"{kind}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows(kind, n, max_operand, seed)))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows(kind, n, max_operand, seed)))
     return path
 
 

@@ -11,12 +11,14 @@ errors that list the valid ones.
 count; it runs before anything is compiled or written and raises `ConfigError` with a
 one-line message that names the fix.
 
-The package holds the dataclasses (`schema`), loading (`load`) and `validate` (`checks`).
+The package holds the dataclasses (`schema`), loading (`load`), `validate` (`checks`) and
+`write_atomic` (`files`: a file written whole or not at all, for every room above).
 
 Imports: the standard library only (this is the bottom of the package).
 """
 
 from llama3_jax.config.checks import validate
+from llama3_jax.config.files import replaced_atomically, write_atomic
 from llama3_jax.config.load import (from_dict, load_config, load_mesh, parse_override, preset_dir, resolve_preset,
                                     to_dict)
 from llama3_jax.config.schema import (ATTENTION_IMPLS, DTYPES, FAKE_DEVICES_HINT, MESH_AXES, REMAT_POLICIES, SECTIONS,
@@ -26,4 +28,4 @@ from llama3_jax.config.schema import (ATTENTION_IMPLS, DTYPES, FAKE_DEVICES_HINT
 __all__ = ["ATTENTION_IMPLS", "DTYPES", "FAKE_DEVICES_HINT", "MESH_AXES", "REMAT_POLICIES", "SECTIONS", "STAGES",
            "AlignConfig", "Config", "ConfigError", "ContextStage", "DataConfig", "DataSource", "MeshConfig",
            "ModelConfig", "TrainConfig", "dtype_of", "from_dict", "load_config", "load_mesh", "parse_override", "preset_dir",
-           "resolve_preset", "to_dict", "validate"]
+           "replaced_atomically", "resolve_preset", "to_dict", "validate", "write_atomic"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import threading
 import time
@@ -29,6 +28,7 @@ import time
 import grain
 import numpy as np
 
+from llama3_jax.config import replaced_atomically
 from llama3_jax.data.packing import state_from_json, state_to_json
 
 _VERSION = 1
@@ -124,12 +124,8 @@ def _write(directory: pathlib.Path, stream: str, keep: int, start, rows, after) 
         meta = {"start": start, "after": after, "rows": len(rows), "keys": keys,
                 "dtypes": {k: str(c.dtype) for k, c in columns.items()}}
         arrays = {f"row_{k}": _narrow(c) for k, c in columns.items()}
-        directory.mkdir(parents=True, exist_ok=True)
-        path = _path(directory, stream, start)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with replaced_atomically(_path(directory, stream, start)) as f:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-        os.replace(tmp, path)
         for stale in directory.glob(f".{stream}-*.tmp"):  # cut short by an earlier session's end
             if stale.stat().st_mtime < time.time() - 600:
                 stale.unlink(missing_ok=True)

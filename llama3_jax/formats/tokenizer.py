@@ -13,12 +13,13 @@ import hashlib
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import AbstractSet, Literal
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+from llama3_jax.config import write_atomic
 
 __all__ = [
     "LLAMA3_SPLIT_PATTERN",
@@ -340,23 +341,5 @@ def read_tiktoken_file(path) -> dict[bytes, int]:
 
 def write_tiktoken_file(ranks: Mapping[bytes, int], path) -> None:
     """Write `ranks` as `base64(token) rank` lines, atomically (temp file + rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = "".join(
-        f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
-    ).encode("ascii")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
+                               for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])).encode("ascii"))

@@ -16,6 +16,7 @@ import os
 import pathlib
 import time
 
+from llama3_jax.config import write_atomic
 from llama3_jax.train.metrics import read_jsonl
 
 KINDS = ("productive", "startup", "compile", "save", "restore", "data", "eval", "redo", "skipped", "watchdog")
@@ -80,9 +81,7 @@ class Goodput:
         self.file.write(json.dumps({"kind": "end", "s": 0.0, "t": round(time.time(), 6)}) + "\n")
         self.file.close()
         summary = summarize(self.path)
-        tmp = self.summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, self.summary_path)
+        write_atomic(self.summary_path, json.dumps(summary, indent=1) + "\n")
         return summary
 
 

@@ -169,11 +169,12 @@ def main(argv=None, session_start: float | None = None) -> int:
         trainer.compile_ahead()  # while the state and the data position are restored
     goodput = Goodput(out, enabled=is_main, session_start=session_start)
     stream = recovery.BatchStream(batches, recovery.parse_ranges(tc.skip_batches))
-    initial_data, fresh = stream.local_state(), None
+    initial_data = stream.local_state()
     t = time.perf_counter()
     restored = run_dir.restore_latest(mngr, trainer.abstract_state(), log=log)
     if restored:
         start, state, data_state = restored
+        fresh = None  # a rollback that reloads finds a checkpoint
         if context.stage_of(plan_cfg, start) != stage:  # a newer checkpoint was unreadable: plan again
             return NEXT_STAGE
         if context.stage_of(plan_cfg, max(start - 1, 0)) == stage:
@@ -192,10 +193,11 @@ def main(argv=None, session_start: float | None = None) -> int:
             log(f"initialised weights from {tc.init_from}")
         state = trainer.init_state(params=init_params)
 
-        def fresh():  # a rollback that reloads, with no checkpoint yet, starts the run again
+        def start_over():  # a rollback that reloads, with no checkpoint yet, starts the run again
             stream.restore(initial_data)
             return trainer.init_state(params=init_source and load_params(
                 init_source, init_shardings, cfg.model.param_dtype))
+        fresh = start_over
 
     extend, ref_params = (lambda batch: batch), None  # noqa: E731
     if tc.stage in ("dpo", "ppo"):  # the frozen reference: the SFT weights, else this run's own initial weights
@@ -223,15 +225,19 @@ def main(argv=None, session_start: float | None = None) -> int:
     relabeled = set()  # steps an in-place rollback freed again (their rows so far: bad steps)
     host = {"data": 0.0, "save": 0.0}  # host seconds since the last result, by what they waited on
 
+    def device_waited(running) -> bool:
+        """Whether host work just done kept the devices waiting: nothing was running (`running`:
+        the last dispatched step's metrics, or None), or that step had already finished."""
+        return running is None or all(x.is_ready() for x in jax.tree.leaves(running))
+
     def draw(at, running=None):
-        """The batch of 0-based step `at`. Its time is lost (data wait) unless the step
-        dispatched before it (`running`, its metrics) was still running when it was ready."""
+        """The batch of 0-based step `at`; its time is lost (data wait) if the devices waited."""
         t = time.perf_counter()
         if hasattr(batches, "select"):  # the data schedule (annealing); PPO's rollouts have none
             batches.select(at)
         index, batch = next(stream)
         batch = extend(trainer.put(faults.batch(index, batch)))
-        if running is None or all(x.is_ready() for x in jax.tree.leaves(running)):
+        if device_waited(running):
             host["data"] += time.perf_counter() - t
         return index, batch
 
@@ -347,7 +353,7 @@ def main(argv=None, session_start: float | None = None) -> int:
             if to_save is not None:  # a copy of the last step's state, saved while this step runs
                 t = time.perf_counter()
                 run_dir.save(mngr, *to_save, cfg)
-                if dispatched is None or all(x.is_ready() for x in jax.tree.leaves(dispatched[1])):
+                if device_waited(dispatched and dispatched[1]):
                     host["save"] += time.perf_counter() - t
                 to_save = None
             if pending is not None:
@@ -370,9 +376,10 @@ def main(argv=None, session_start: float | None = None) -> int:
                     goodput.event("restore", time.perf_counter() - t)
                     if not in_place or dispatched is None:  # nothing in flight to keep
                         ready, pending = time.perf_counter(), None
-                        if not in_place:
-                            local_data, cur = None, None
-                        cur = cur or draw(step)
+                        if not in_place:  # the data position went back with the checkpoint
+                            local_data, cur = None, draw(step)
+                        elif cur is None:  # else the batch after the window is drawn already
+                            cur = draw(step)
                         continue
                     step += 1
                     dispatched = (step, *dispatched[1:])

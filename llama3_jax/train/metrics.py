@@ -167,6 +167,7 @@ def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
     import jax
     import jax.numpy as jnp
 
+    from llama3_jax.config import write_atomic
     from llama3_jax.formats.bpe import default_cache_dir
     model = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
                  platform.machine())
@@ -188,10 +189,7 @@ def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
         best = min(best, time.perf_counter() - start)
     flops = 2 * n ** 3 * reps / best
     try:  # written whole, then renamed: a concurrent run reads the old file or the new one
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**known, key: flops}) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({**known, key: flops}) + "\n")
     except OSError:
         pass
     return flops
