@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from llama3_jax.config import ConfigError, load_config, load_mesh, preset_dir
+from llama3_jax.config import ConfigError, load_config, load_mesh, preset_dir, replaced_atomically, write_atomic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,3 +37,15 @@ def test_base_errors_name_the_fix(tmp_path):
     (tmp_path / "c.toml").write_text('base = "llama3-9b"\n')
     with pytest.raises(ConfigError, match="config 'llama3-9b' not found: give a .toml path or one of .*debug-tiny"):
         load_config(str(tmp_path / "c.toml"))
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_alone(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    write_atomic(path, "old\n")
+    with pytest.raises(RuntimeError):
+        with replaced_atomically(path) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("the writer failed midway")
+    assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+    write_atomic(path, b"new\n")
+    assert path.read_bytes() == b"new\n" and oct(path.stat().st_mode & 0o777) == oct(0o644)
