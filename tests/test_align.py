@@ -107,6 +107,14 @@ def test_bad_rows_name_the_file_and_line_or_are_counted_and_skipped(tmp_path):
         load_examples(DataConfig(path=str(pairs)), TOK, "pairs", 64)
 
 
+def test_the_task_command_writes_its_output_and_nothing_beside_it(tmp_path):
+    (tmp_path / "sft.jsonl").write_text("the user's own rows\n")
+    assert task.main(["sft", str(tmp_path / "mine.jsonl"), "--rows", "7", "--max-operand", "5"]) == 0
+    assert (tmp_path / "sft.jsonl").read_text() == "the user's own rows\n"
+    assert (tmp_path / "mine.jsonl").read_text().splitlines() == [json.dumps(r) for r in task.rows("sft", 7, 5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.jsonl", "sft.jsonl"]
+
+
 def test_parquet_rows_read_as_the_jsonl_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -15,7 +15,6 @@ that learned which answer is right, not which answers were rejected, ranks those
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import zlib
@@ -66,11 +65,15 @@ def rows(kind: str, n: int, max_operand: int, seed: int = 0, held: bool = False,
     return out
 
 
+def task_jsonl(kind: str, n: int, max_operand: int, seed: int = 0) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows(kind, n, max_operand, seed))
+
+
 def write_task(directory, kind: str, n: int, max_operand: int, seed: int = 0) -> pathlib.Path:
     """The stage's training rows as JSONL under `directory` (written atomically; every process
     writes the same bytes)."""
     path = pathlib.Path(directory) / f"{kind}.jsonl"
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows(kind, n, max_operand, seed)))
+    write_atomic(path, task_jsonl(kind, n, max_operand, seed))
     return path
 
 
@@ -95,9 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-operand", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    path = write_task(args.out.parent, args.kind, args.rows, args.max_operand, args.seed)
-    if path != args.out:
-        os.replace(path, args.out)
+    # Straight to OUT: a sibling KIND.jsonl (perhaps the user's) is never written or moved.
+    write_atomic(args.out, task_jsonl(args.kind, args.rows, args.max_operand, args.seed))
     print(f"{args.rows} {args.kind} rows -> {args.out}")
     return 0
 
