@@ -55,14 +55,15 @@ def losses(out) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """SFT from scratch on the task, kept short so that DPO, PPO and rejection sampling have
-    room to improve on it; a longer SFT (at a lower rate, where training is stable) and a
-    reward model from that."""
+    room to improve on it; a longer SFT and a reward model from that. Both SFTs run at 3e-3,
+    where training is stable: at 6e-3 a 2% change of the rate moved the task accuracy from
+    0.56 to 0.27. Over 2% changes of the rate and +-10 steps, the short SFT's accuracy was
+    0.53-0.58, DPO's held-out accuracy 0.84-0.95 and PPO's gain in answer probability 0.08-0.17."""
     work = tmp_path_factory.mktemp("align")
-    train(work / "sft", "sft", 200, "train.lr=6e-3")
+    train(work / "sft", "sft", 150, "train.lr=3e-3")
     train(work / "sft-long", "sft", 300, "train.lr=3e-3")
-    # At 6e-3, or with fewer pairs a step, the outcome swung with rounding-level changes (a
-    # 2% change of the SFT rate moved its accuracy from 0.56 to 0.27, and the reward model's
-    # ranking from 0.78 to 1.0). These settings gave 0.97-1.0 over five such changes.
+    # With fewer pairs a step, the reward model's ranking swung from 0.78 to 1.0 with rounding-level
+    # changes. These settings gave 0.97-1.0 over five 2% changes of either rate.
     train(work / "rm", "rm", 300, "train.lr=2e-3", "train.global_batch=128", f"train.init_from={work / 'sft-long'}")
     train(work / "dpo", "dpo", 60, "train.lr=1e-3", f"train.init_from={work / 'sft'}")
     train(work / "ppo", "ppo", 80, *PPO, f"train.init_from={work / 'sft'}")
