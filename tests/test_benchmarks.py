@@ -31,3 +31,29 @@ def test_pipeline_bubble_skips_what_the_stages_cannot_divide():
     skipped = [line for line in p.stdout.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and "pp*pp_virtual_stages=4*2=8 stages" in skipped[0], p.stdout
     assert len([line for line in p.stdout.splitlines() if line[:2].strip().isdigit()]) == 3  # every row reported
+
+
+def test_step_profile_shares_each_moment_among_the_ops_running_then():
+    from step_profile import shares
+    step = {"ph": "X", "name": "ThunkExecutor::Execute (wait for completion)", "ts": 100.0, "dur": 20e6}
+    ops = [{"ph": "X", "name": "a", "ts": 100.0, "dur": 10e6}, {"ph": "X", "name": "b", "ts": 100.0 + 5e6, "dur": 10e6},
+           {"ph": "X", "name": "c", "ts": 100.0 + 16e6, "dur": 1e6}, {"ph": "X", "name": "not an op", "ts": 100.0, "dur": 20e6}]
+    seconds, per_kind, per_op = shares([step, *ops], {"a": "matmul", "b": "other", "c": "matmul"})
+    # a runs alone for 5 s, then with b for 5 s, b alone 5 s; c alone 1 s; nothing for 4 s.
+    assert seconds == 20 and per_op == {"a": 7.5, "b": 7.5, "c": 1.0}
+    assert per_kind == {"matmul": 8.5, "other": 7.5, "idle": 4.0}
+
+
+def test_step_profile_finds_the_matmuls_in_compiled_hlo():
+    import jax
+    import jax.numpy as jnp
+    from step_profile import op_kinds
+    a = jnp.ones((64, 32))
+    hlo = jax.jit(lambda a: jnp.exp(a @ a.T) + 1).lower(a).compile().as_text()
+    kinds = op_kinds(hlo)
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots and set(kinds.values()) <= {"matmul", "transpose/copy", "other"}
+    # Whatever the dot is fused into (or not), the entry instruction that runs it is a matmul.
+    entry = hlo[hlo.index("ENTRY"):]
+    ran = [n for n in kinds if f"%{n} = " in entry]
+    assert any(kinds[n] == "matmul" for n in ran) and any(kinds[n] != "matmul" for n in kinds)
