@@ -22,8 +22,13 @@ if ! "$python" -c 'import flax, sys; sys.exit(tuple(map(int, flax.__version__.sp
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 "$python" - <<'PY'
-import importlib, sys
-missing = [m for m in ("jax", "flax", "optax", "orbax.checkpoint", "tensorstore", "numpy") if importlib.util.find_spec(m) is None]
+import importlib.util, sys
+def found(module):  # find_spec of a submodule raises when its parent package is missing
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+missing = [m for m in ("jax", "flax", "optax", "orbax.checkpoint", "tensorstore", "numpy") if not found(m)]
 if missing:
     sys.exit(f"missing packages: {', '.join(missing)}; carry them as wheels (see .library/device/README.md)")
 import jax
