@@ -1,6 +1,7 @@
 """The benchmark scripts as a user runs them: honest figures, clear skips, the user's data."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -57,3 +58,25 @@ def test_step_profile_finds_the_matmuls_in_compiled_hlo():
     entry = hlo[hlo.index("ENTRY"):]
     ran = [n for n in kinds if f"%{n} = " in entry]
     assert any(kinds[n] == "matmul" for n in ran) and any(kinds[n] != "matmul" for n in kinds)
+
+
+def test_the_prepared_gpu_checks_run_on_cpu_with_a_tiny_shape():
+    """A lent GPU's minutes go to measuring, not to a script that broke since: both device
+    scripts run end to end here, and the step table's tokens/s is batch x seq / step time."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--tiny", "--policies", "none", "full",
+                        "--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.split()[:1] in (["none"], ["full"])}
+    assert set(rows) == {"none", "full"}, p.stdout
+    for _, layers, _, _, seconds, tokens_per_s, _, mfu in rows.values():
+        # The step time is printed to 3 decimals, tokens/s to whole tokens.
+        low, high = 2 * 64 / (float(seconds) + 5e-4) - 0.5, 2 * 64 / (float(seconds) - 5e-4) + 0.5
+        assert low <= float(tokens_per_s.replace(",", "")) <= high, (seconds, tokens_per_s)
+        assert int(layers) == 32 and float(mfu.rstrip("%")) > 0
+    assert p.stdout.splitlines()[-1].startswith("best: remat=")
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), "--tiny"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(line.split()[:2] for line in p.stdout.splitlines() if line.startswith(("bf16", "int8"))) == \
+        [["bf16", "1"], ["bf16", "8"], ["int8", "1"], ["int8", "8"]], p.stdout
