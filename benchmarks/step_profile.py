@@ -9,6 +9,10 @@ count as idle. Kinds come from the compiled HLO: a fusion whose computation hold
 a matmul. The last column is the step's tokens/s if everything but the matmuls took no
 time ("matmuls alone"), the bound on what removing overhead can buy; the matmul rate is
 our FLOP formula over the matmuls' time. "wall" is the profiled step timed from Python.
+An unprofiled step's page faults and kernel CPU time are given too: buffers the allocator
+takes fresh from the kernel each step are zeroed page by page, which shows as time spread
+over the ops that first touch them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 or tcmalloc
+changes it; see the README).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -103,6 +108,10 @@ def profile(vocab: int, dtype: str, top: int) -> None:
         jax.block_until_ready(metrics)
 
     step(), step()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step()  # unprofiled: the pages the step touches for the first time, and the kernel's time on them
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults, kernel = after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
     with tempfile.TemporaryDirectory() as out:
         with jax.profiler.trace(out, create_perfetto_trace=True):
             started = time.perf_counter()
@@ -116,6 +125,7 @@ def profile(vocab: int, dtype: str, top: int) -> None:
     print(f"{vocab:>7} {dtype:>9} {seconds:7.2f} s {wall:7.2f} s{cells} {matmul_rate:8.0f} GFLOP/s"
           f"{tokens / seconds:8.0f}{tokens / per_kind['matmul']:13.0f}")
     largest = [(name, s) for name, s in per_op.most_common() if kinds[name] != "matmul"][:top]
+    print(f"        unprofiled step: {faults:,} page faults, {kernel:.2f} s of kernel CPU time")
     print("        largest others: " + ", ".join(f"{name} {s * 1e3:.0f} ms" for name, s in largest))
 
 
