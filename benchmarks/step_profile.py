@@ -11,8 +11,8 @@ time ("matmuls alone"), the bound on what removing overhead can buy; the matmul 
 our FLOP formula over the matmuls' time. "wall" is the profiled step timed from Python.
 An unprofiled step's page faults and kernel CPU time are given too: buffers the allocator
 takes fresh from the kernel each step are zeroed page by page, which shows as time spread
-over the ops that first touch them (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 or tcmalloc
-changes it; see the README).
+over the ops that first touch them (another allocator, or glibc's tunables, changes it;
+see the README).
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ def op_kinds(hlo: str) -> dict[str, str]:
 def shares(trace: list[dict], kinds: dict[str, str]) -> tuple[float, collections.Counter, collections.Counter]:
     """Step seconds, seconds per kind and per op: each moment split among the ops running."""
     done = [e for e in trace if e.get("ph") == "X" and e["name"].startswith("ThunkExecutor::Execute (wait")]
-    t0, t1 = done[-1]["ts"], done[-1]["ts"] + done[-1]["dur"]
-    ops = [e for e in trace if e.get("ph") == "X" and e["name"] in kinds and t0 <= e["ts"] <= t1]
+    ops = [e for e in trace if e.get("ph") == "X" and e["name"] in kinds]
+    if done:  # the executable's whole run, as XLA:CPU 0.10 names it
+        t0, t1 = done[-1]["ts"], done[-1]["ts"] + done[-1]["dur"]
+    else:  # otherwise from its first op to its last: idle time at either end is not seen
+        t0, t1 = min(e["ts"] for e in ops), max(e["ts"] + e["dur"] for e in ops)
+    ops = [e for e in ops if t0 <= e["ts"] <= t1]
     edges = sorted([(e["ts"], 1, i) for i, e in enumerate(ops)] + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(ops)])
     per_op, per_kind, running, last = collections.Counter(), collections.Counter(), set(), t0
     for t, change, i in edges + [(t1, 0, None)]:

@@ -80,3 +80,10 @@ def test_the_prepared_gpu_checks_run_on_cpu_with_a_tiny_shape():
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(line.split()[:2] for line in p.stdout.splitlines() if line.startswith(("bf16", "int8"))) == \
         [["bf16", "1"], ["bf16", "8"], ["int8", "1"], ["int8", "8"]], p.stdout
+
+
+def test_step_profile_without_the_executors_event_spans_first_to_last_op():
+    from step_profile import shares
+    ops = [{"ph": "X", "name": "a", "ts": 10.0, "dur": 2e6}, {"ph": "X", "name": "b", "ts": 10.0 + 3e6, "dur": 1e6}]
+    seconds, per_kind, per_op = shares(ops, {"a": "matmul", "b": "other"})
+    assert seconds == 4 and per_kind == {"matmul": 2.0, "other": 1.0, "idle": 1.0}
